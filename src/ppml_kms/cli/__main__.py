@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from . import console_main
+
+console_main()

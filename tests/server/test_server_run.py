@@ -1,0 +1,179 @@
+"""Running the server: the foreground process and its signals, ServerThread, the catch-all."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import select
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ppml_kms import signing
+from ppml_kms.exceptions import ConfigError
+from ppml_kms.server.app import create_app
+from ppml_kms.server.run import ServerThread, prepare_data_dir
+from ppml_kms.server.store import KeyRecord, SQLiteKeyStore, open_sqlite_store
+
+from .conftest import enroll
+
+_LINE = re.compile(
+    r"ppml-kms server listening on (https://127\.0\.0\.1:\d+/ehsm) "
+    r"\(data: (.+), CA certificate: (.+/tls/cert\.pem)\)"
+)
+
+
+def _read_line(proc: subprocess.Popen[str], timeout: float = 30) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "the server printed nothing"
+    return proc.stdout.readline()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_cleanly_on_signal(tmp_path: Path, signum: int) -> None:
+    data = tmp_path / "kms"
+    code = "import sys; from ppml_kms.server.run import serve; serve(sys.argv[1], port=0)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = _read_line(proc)
+        match = _LINE.fullmatch(line.strip())
+        assert match, line
+        url, shown_dir, ca_cert = match.groups()
+        assert shown_dir == str(data) and ca_cert == str(data / "tls" / "cert.pem")
+        with httpx.Client(verify=ssl.create_default_context(cafile=ca_cert)) as http:
+            caller = enroll(http, url)
+            caller.create_key()  # something in the write-ahead log
+        assert (data / "kms.sqlite3-wal").exists()
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    # SQLite removes the WAL when the last connection closes: the store was closed.
+    assert not (data / "kms.sqlite3-wal").exists()
+    with open_sqlite_store(data) as store:
+        assert len(store.list_keys(caller.appid)) == 1
+
+
+def test_serve_reports_a_busy_port(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = textwrap.dedent(
+            f"""
+            import sys
+            from ppml_kms.exceptions import ConfigError
+            from ppml_kms.server.run import serve
+            try:
+                serve(sys.argv[1], port={port})
+            except ConfigError as exc:
+                print(exc.diagnostics())
+                sys.exit(3)
+            """
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "kms")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 3, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout
+
+
+def test_server_thread_port_and_restart(tmp_path: Path) -> None:
+    server = ServerThread(tmp_path / "kms")
+    with pytest.raises(RuntimeError):
+        server.store  # noqa: B018 - not running yet
+    with server:
+        assert server.port > 0 and server.url == f"https://127.0.0.1:{server.port}/ehsm"
+        assert server.ca_cert == (tmp_path / "kms" / "tls" / "cert.pem").absolute()
+        with httpx.Client(verify=server.ssl_context()) as http:
+            assert http.get(server.url, params={"Action": "GetVersion"}).json()["code"] == 200
+        with pytest.raises(RuntimeError):
+            server.start()
+    server.stop()  # idempotent
+    with socket.socket() as probe:  # the port was released
+        probe.bind(("127.0.0.1", server.port))
+
+
+def test_server_thread_busy_port(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ConfigError, match="cannot listen"):
+            ServerThread(tmp_path / "kms", port=busy.getsockname()[1]).start()
+
+
+def test_data_dir_must_be_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        prepare_data_dir(tmp_path / "file")
+
+
+def _asgi(app: Any, method: str, action: str, body: Any = None) -> dict[str, Any]:
+    """One request straight into the ASGI app (no sockets)."""
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://kms.test") as client:
+            return await client.request(method, "/ehsm", params={"Action": action}, json=body)
+
+    response = asyncio.run(go())
+    assert response.status_code == 200
+    return response.json()  # type: ignore[no-any-return]
+
+
+class _BrokenStore(SQLiteKeyStore):
+    def list_keys(self, creator: str, limit: int = 10000) -> list[KeyRecord]:
+        raise RuntimeError("simulated failure")
+
+
+def test_internal_errors_become_code_500(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    base = open_sqlite_store(tmp_path)
+    store = _BrokenStore(tmp_path / "kms.sqlite3", base._domain_key)
+    base.close()
+    apikey = "A" * 32
+    store.add_app("app-1", apikey, 0)
+    body = {"appid": "app-1", "timestamp": str(int(time.time() * 1000)), "nonce": "n"}
+    body["sign"] = signing.sign(apikey, body)
+    reply = _asgi(create_app(store), "POST", "ListKey", body)
+    store.close()
+    assert reply == {
+        "code": 500,
+        "message": "Server internal error, please contact the administrator.",
+        "result": {},
+    }
+    assert "simulated failure" in caplog.text and apikey not in caplog.text
+
+
+def test_database_error_on_apikey_lookup(tmp_path: Path) -> None:
+    store = open_sqlite_store(tmp_path)
+    app = create_app(store)
+    store.close()  # every lookup now fails
+    body = {"appid": "app-1", "timestamp": str(int(time.time() * 1000)), "sign": "x"}
+    assert _asgi(app, "POST", "ListKey", body) == {
+        "code": 400,
+        "message": "database error",
+        "result": {},
+    }
+    assert _asgi(app, "GET", "Enroll")["code"] == 500
