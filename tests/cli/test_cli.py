@@ -1,0 +1,175 @@
+"""The ppml-kms command, in-process (fast) and as a real process (the console script)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tree
+
+IRIS = Path(__file__).resolve().parents[2] / "examples" / "data" / "iris"
+
+
+@pytest.fixture
+def keys(tmp_path, app, monkeypatch, cli):
+    app.env(monkeypatch)
+    primary, data = tmp_path / "keys" / "encrypted_primary_key", tmp_path / "keys" / "encrypted_data_key"
+    assert cli("generate-primary-key", "--out", primary).code == 0
+    assert cli("generate-data-key", "--primary-key", primary, "--out", data).code == 0
+    return primary, data
+
+
+def test_help_explains_every_command(cli) -> None:
+    result = cli("--help")
+    assert result.code == 0
+    for command in ("server", "enroll", "generate-primary-key", "generate-data-key", "encrypt", "decrypt", "demo"):
+        assert command in result.out
+        sub = cli(command, "--help")
+        assert sub.code == 0 and "usage: ppml-kms " + command in sub.out
+
+
+def test_enroll_prints_sourceable_lines_and_saves(cli, kms_server, tmp_path) -> None:
+    save = tmp_path / "creds"
+    result = cli("enroll", "--url", kms_server.url, "--ca-cert", kms_server.ca_cert, "--save", save)
+    assert result.code == 0, result.err
+    lines = dict(line.split("=", 1) for line in result.out.splitlines())
+    assert set(lines) == {"PPML_KMS_URL", "PPML_KMS_APPID", "PPML_KMS_APIKEY", "PPML_KMS_CA_CERT"}
+    assert len(lines["PPML_KMS_APIKEY"]) == 32
+    assert stat.S_IMODE(os.stat(save).st_mode) == 0o600
+    # The saved file is a working credentials file.
+    primary = tmp_path / "pk"
+    assert cli("generate-primary-key", "--out", primary, "--credentials", save).code == 0
+
+
+def test_key_generation_writes_private_files(keys) -> None:
+    primary, data = keys
+    assert len(primary.read_text()) == 36
+    assert stat.S_IMODE(os.stat(primary).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(data).st_mode) == 0o600
+
+
+def test_key_files_are_not_overwritten(keys, cli) -> None:
+    primary, data = keys
+    before = primary.read_bytes()
+    result = cli("generate-primary-key", "--out", primary)
+    assert result.code == 1
+    assert "already exists" in result.err and "Traceback" not in result.err
+    assert primary.read_bytes() == before
+    assert cli("generate-primary-key", "--out", primary, "--force").code == 0
+    assert primary.read_bytes() != before
+
+
+def test_directory_round_trip_keeps_layout(tmp_path, keys, cli) -> None:
+    primary, data = keys
+    src = tmp_path / "plain"
+    shutil.copytree(IRIS, src / "iris")
+    (src / "nested" / "deeper").mkdir(parents=True)
+    (src / "nested" / "deeper" / "blob.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    (src / "empty.txt").write_bytes(b"")
+    result = cli("encrypt", src, "--out", tmp_path / "enc", "--primary-key", primary, "--data-key", data)
+    assert result.code == 0, result.err
+    encrypted = tree(tmp_path / "enc")
+    assert set(encrypted) == {f"{name}.encrypted" for name in tree(src)}
+    assert all(b"sepal" not in blob for blob in encrypted.values())
+    result = cli("decrypt", tmp_path / "enc", "--out", tmp_path / "dec")
+    assert result.code == 0, result.err
+    assert tree(tmp_path / "dec") == tree(src)
+
+
+def test_single_file_defaults_and_fresh_data_key(tmp_path, keys, cli) -> None:
+    primary, _ = keys
+    src = tmp_path / "iris_1.csv"
+    shutil.copy(IRIS / "iris_1.csv", src)
+    assert cli("encrypt", src, "--primary-key", primary).code == 0  # data key generated for this run
+    assert (tmp_path / "iris_1.csv.encrypted").is_file()
+    src.rename(tmp_path / "original.csv")
+    assert cli("decrypt", tmp_path / "iris_1.csv.encrypted").code == 0
+    assert (tmp_path / "iris_1.csv").read_bytes() == (IRIS / "iris_1.csv").read_bytes()
+
+
+def test_tampered_file_fails_cleanly(tmp_path, keys, cli) -> None:
+    primary, data = keys
+    src = tmp_path / "p.csv"
+    shutil.copy(IRIS / "iris_2.csv", src)
+    cli("encrypt", src, "--out", tmp_path / "p.enc", "--primary-key", primary, "--data-key", data)
+    blob = bytearray((tmp_path / "p.enc").read_bytes())
+    blob[-20] ^= 0x40
+    (tmp_path / "p.enc").write_bytes(bytes(blob))
+    result = cli("decrypt", tmp_path / "p.enc", "--out", tmp_path / "p.out")
+    assert result.code == 1
+    assert result.err.startswith("ppml-kms: error: ") and result.err.count("\n") == 1
+    assert not (tmp_path / "p.out").exists()
+
+
+def test_encrypt_refuses_existing_output_and_input_as_output(tmp_path, keys, cli) -> None:
+    primary, data = keys
+    src = tmp_path / "p.csv"
+    src.write_text("a\n")
+    (tmp_path / "p.csv.encrypted").write_text("precious")
+    result = cli("encrypt", src, "--primary-key", primary, "--data-key", data)
+    assert result.code == 1 and "already exists" in result.err
+    assert (tmp_path / "p.csv.encrypted").read_text() == "precious"
+    result = cli("encrypt", src, "--out", src, "--primary-key", primary, "--data-key", data, "--force")
+    assert result.code == 1 and "input" in result.err
+    assert src.read_text() == "a\n"
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path, cli, monkeypatch, app) -> None:
+    # No endpoint at all.
+    result = cli("generate-primary-key", "--out", tmp_path / "pk")
+    assert result.code == 1 and "PPML_KMS_URL" in result.err
+    # Endpoint but no credentials.
+    monkeypatch.setenv("PPML_KMS_URL", app.url)
+    monkeypatch.setenv("PPML_KMS_CA_CERT", app.ca_cert)
+    result = cli("generate-primary-key", "--out", tmp_path / "pk")
+    assert result.code == 1 and "PPML_KMS_APPID" in result.err
+    # Wrong apikey: the server's refusal becomes one line.
+    monkeypatch.setenv("PPML_KMS_APPID", app.appid)
+    monkeypatch.setenv("PPML_KMS_APIKEY", "Z" * 32)
+    result = cli("generate-primary-key", "--out", tmp_path / "pk")
+    assert result.code == 1 and "sign error" in result.err
+    # Missing input, bad context syntax.
+    app.env(monkeypatch)
+    result = cli("encrypt", tmp_path / "nope", "--primary-key", tmp_path / "pk")
+    assert result.code == 1 and "does not exist" in result.err
+    for r in (result,):
+        assert "Traceback" not in r.err and r.err.count("\n") == 1
+    assert not (tmp_path / "pk").exists()
+
+
+def test_context_round_trip_and_mismatch(tmp_path, keys, cli) -> None:
+    primary, data = keys
+    src = tmp_path / "p"
+    src.write_text("x")
+    assert cli("encrypt", src, "--primary-key", primary, "--data-key", data, "--context", "owner=alice").code == 0
+    bad = cli("decrypt", tmp_path / "p.encrypted", "--out", tmp_path / "o1", "--context", "owner=bob")
+    assert bad.code == 1 and "context" in bad.err and not (tmp_path / "o1").exists()
+    good = cli("decrypt", tmp_path / "p.encrypted", "--out", tmp_path / "o2", "--context", "owner=alice")
+    assert good.code == 0 and (tmp_path / "o2").read_text() == "x"
+
+
+def test_console_script_end_to_end(tmp_path, app) -> None:
+    """The installed `ppml-kms` command as a real process, credentials from the environment only."""
+    exe = shutil.which("ppml-kms", path=str(Path(sys.executable).parent)) or "ppml-kms"
+    env = dict(os.environ, PPML_KMS_URL=app.url, PPML_KMS_APPID=app.appid,
+               PPML_KMS_APIKEY=app.apikey, PPML_KMS_CA_CERT=app.ca_cert)
+
+    def run(*args: object) -> subprocess.CompletedProcess[str]:
+        argv = [exe, *map(str, args)]
+        assert app.apikey not in " ".join(argv)
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+    assert run("generate-primary-key", "--out", tmp_path / "pk").returncode == 0
+    assert run("generate-data-key", "--primary-key", tmp_path / "pk", "--out", tmp_path / "dk").returncode == 0
+    done = run("encrypt", IRIS, "--out", tmp_path / "enc", "--primary-key", tmp_path / "pk", "--data-key", tmp_path / "dk")
+    assert done.returncode == 0, done.stderr
+    assert run("decrypt", tmp_path / "enc", "--out", tmp_path / "dec").returncode == 0
+    assert tree(tmp_path / "dec") == tree(IRIS)
+    failed = run("decrypt", tmp_path / "missing.encrypted")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
