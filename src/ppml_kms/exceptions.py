@@ -4,7 +4,7 @@
 
     Error                       root; ``diagnostics()`` gives a one-line, user-facing reason
     ├── InvalidCiphertext       integrity failure: wrong key, tampered/truncated data (no detail)
-    ├── FormatError             not a ppml-kms file, unsupported version/suite, malformed header
+    ├── FormatError             not a ppml-kms file, or an unsupported version/suite
     ├── KeyFileError            missing/malformed/existing key file
     ├── OutputExistsError       refusing to overwrite an existing output
     ├── ConfigError             missing endpoint/credentials/CA, bad option values

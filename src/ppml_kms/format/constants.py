@@ -37,4 +37,5 @@ MAX_DATA_KEY_SIZE = 1024
 #: Fixed-size part: magic, version, suite, header length, segment size, salt, nonce prefix.
 FIXED_HEADER_SIZE = len(MAGIC) + 1 + 2 + 4 + 4 + SALT_SIZE + NONCE_PREFIX_SIZE
 
+#: HKDF info prefix; the info actually used is ``HKDF_INFO || suite as u16 big-endian`` (18 bytes).
 HKDF_INFO = b"ppml-kms file v1"

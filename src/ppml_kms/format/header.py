@@ -16,8 +16,9 @@ commits to the data key: a wrong data key fails here, before any segment is touc
 
 from __future__ import annotations
 
-import hmac
 import hashlib
+import hmac
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ __all__ = [
     "seal_header",
 ]
 
-_FIXED = struct.Struct(">7sBHII")  # magic, version, suite, header length, segment size
+_FIXED = struct.Struct(">7sBHII")
+_KMS_TYPE = re.compile(r"[a-z0-9._-]{1,32}")  # magic, version, suite, header length, segment size
 
 
 @dataclass(frozen=True)
@@ -163,12 +165,9 @@ def seal_header(
     if len(salt) != c.SALT_SIZE or len(nonce_prefix) != c.NONCE_PREFIX_SIZE:
         raise ValueError("salt must be 32 bytes and nonce prefix 7 bytes")
     ctx = _normalize_context(context)
-    try:
-        kms_type = kms.kms_type.encode("ascii")
-    except UnicodeEncodeError:
-        raise ValueError("KMS type must be ASCII") from None
-    if not kms_type:
-        raise ValueError("KMS type must not be empty")
+    if not _KMS_TYPE.fullmatch(kms.kms_type):
+        raise ValueError("KMS type must be 1-32 characters of a-z, 0-9, '.', '_' or '-'")
+    kms_type = kms.kms_type.encode("ascii")
     parts = [
         _lp(kms_type, 1, c.MAX_KMS_TYPE_LENGTH, "KMS type"),
         _lp(kms.key_id.encode("utf-8"), 2, c.MAX_KEY_ID_LENGTH, "key id"),
@@ -234,7 +233,8 @@ def _parse_fixed(prefix: bytes) -> tuple[int, int, int]:
     _, _, suite, total, segment_size = _FIXED.unpack_from(prefix)
     if suite not in c.SUPPORTED_SUITES:
         raise FormatError(f"unsupported algorithm suite {suite} in encrypted file")
-    minimum = c.FIXED_HEADER_SIZE + 1 + 2 + 2 + 2 + 2 + c.HEADER_TAG_SIZE
+    # Smallest variable part: a 1-byte KMS type, empty key id, wrapped key, AAD and context.
+    minimum = c.FIXED_HEADER_SIZE + (1 + 1) + 2 + 2 + 2 + 2 + c.HEADER_TAG_SIZE
     if not minimum <= total <= c.MAX_HEADER_SIZE:
         raise InvalidCiphertext("encrypted file header is malformed")
     if not c.MIN_SEGMENT_SIZE <= segment_size <= c.MAX_SEGMENT_SIZE:
@@ -270,7 +270,7 @@ def parse_header(data: bytes) -> Header:
         if not key or (pairs and pairs[-1][0].encode() >= key.encode()):
             raise InvalidCiphertext("encrypted file header is malformed")
         pairs.append((key, value))
-    if cur.pos != len(cur.data) or not kms_type:
+    if cur.pos != len(cur.data) or not _KMS_TYPE.fullmatch(kms_type):
         raise InvalidCiphertext("encrypted file header is malformed")
     return Header(
         suite,
