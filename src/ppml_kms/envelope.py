@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,7 +28,9 @@ __all__ = [
     "DataKeyCache",
     "FileEncryptor",
     "decrypt_file",
+    "decrypt_legacy_file",
     "decrypt_stream_to",
+    "migrate_legacy_file",
     "legacy_aad",
     "open_encrypted",
     "read_data_key_file",
@@ -246,8 +249,12 @@ class FileEncryptor:
         header, keys = self._new_header()
         return fmt.EncryptingWriter(dest, header, keys, close_dest=close_dest)
 
-    def encrypt_file(self, src: Path, dst: Path, *, overwrite: bool = False) -> int:
+    def encrypt_file(
+        self, src: Path, dst: Path, *, overwrite: bool = False, progress: Progress | None = None
+    ) -> int:
         """Encrypt ``src`` into ``dst`` through a temporary file; never replaces ``src``.
+
+        ``progress`` is called with the number of input bytes read, as they are read.
 
         Raises:
             OutputExistsError: ``dst`` exists and not ``overwrite``, or ``dst`` is ``src``.
@@ -257,7 +264,8 @@ class FileEncryptor:
         _check_distinct(src, dst)
         if not overwrite and dst.exists():
             raise OutputExistsError(f"{dst} already exists (use --force to replace it)")
-        with open(src, "rb") as fin, temporary_output(dst, mode=0o644) as (fout, tmp):
+        with open(src, "rb") as raw, temporary_output(dst, mode=0o644) as (fout, tmp):
+            fin = _counted(raw, progress)
             size = self.encrypt_stream(fin, fout)
             fout.flush()
             fout.close()
@@ -282,6 +290,39 @@ def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
 
 
 DEFAULT_CACHE = DataKeyCache()
+
+Progress = Callable[[int], None]
+
+
+class _CountingReader(io.RawIOBase):
+    """Passes reads through to a binary file and reports how many bytes went by."""
+
+    def __init__(self, raw: BinaryIO, progress: Progress) -> None:
+        super().__init__()
+        self._raw = raw
+        self._progress = progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = self._raw.readinto(buffer)  # type: ignore[attr-defined]
+        if n:
+            self._progress(n)
+        return n or 0
+
+    def seekable(self) -> bool:
+        return self._raw.seekable()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+
+def _counted(raw: BinaryIO, progress: Progress | None) -> BinaryIO:
+    return raw if progress is None else _CountingReader(raw, progress)  # type: ignore[return-value]
 
 
 # -- decryption --------------------------------------------------------------------------------
@@ -350,6 +391,7 @@ def decrypt_file(
     overwrite: bool = False,
     cache: DataKeyCache | None = None,
     expected_context: Mapping[str, str] | None = None,
+    progress: Progress | None = None,
 ) -> int:
     """Decrypt ``src`` into ``dst``; ``dst`` appears only once the last segment verified.
 
@@ -361,7 +403,8 @@ def decrypt_file(
     _check_distinct(src, dst)
     if not overwrite and dst.exists():
         raise OutputExistsError(f"{dst} already exists (use --force to replace it)")
-    with open(src, "rb") as fin:
+    with open(src, "rb") as raw:
+        fin = _counted(raw, progress)
         header = fmt.read_header(fin)
         keys = unwrap_header_key(header, kms, cache=cache, expected_context=expected_context)
         with temporary_output(dst, mode=0o600) as (fout, tmp):
@@ -369,4 +412,66 @@ def decrypt_file(
             fout.flush()
             fout.close()
             _publish(tmp, dst, overwrite)
+    return size
+
+
+# -- BigDL's whole-file Fernet files (read-only, for migration) --------------------------------
+
+
+def decrypt_legacy_file(
+    src: Path, dst: Path, data_key: bytes, *, overwrite: bool = False, progress: Progress | None = None
+) -> int:
+    """Decrypt a BigDL Fernet ``.encrypted`` file with its (unwrapped) data key; same guarantees
+    as :func:`decrypt_file`: ``dst`` appears only after the whole token verified.
+
+    Raises:
+        OutputExistsError, InvalidCiphertext.
+    """
+    from .legacy import iter_fernet_plaintext
+
+    src, dst = Path(src), Path(dst)
+    _check_distinct(src, dst)
+    if not overwrite and dst.exists():
+        raise OutputExistsError(f"{dst} already exists (use --force to replace it)")
+    size = 0
+    with open(src, "rb") as raw, temporary_output(dst, mode=0o600) as (fout, tmp):
+        for chunk in iter_fernet_plaintext(_counted(raw, progress), data_key):
+            fout.write(chunk)
+            size += len(chunk)
+        fout.close()
+        _publish(tmp, dst, overwrite)
+    return size
+
+
+def migrate_legacy_file(
+    src: Path,
+    dst: Path,
+    data_key: bytes,
+    encryptor: FileEncryptor,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> int:
+    """Re-encrypt a BigDL Fernet file into format v1 with ``encryptor``, in constant memory.
+
+    The plaintext only ever exists in memory, one chunk at a time.
+
+    Raises:
+        OutputExistsError, InvalidCiphertext.
+    """
+    from .legacy import iter_fernet_plaintext
+
+    src, dst = Path(src), Path(dst)
+    _check_distinct(src, dst)
+    if not overwrite and dst.exists():
+        raise OutputExistsError(f"{dst} already exists (use --force to replace it)")
+    size = 0
+    with open(src, "rb") as raw, temporary_output(dst, mode=0o644) as (fout, tmp):
+        writer = encryptor.writer(fout)
+        for chunk in iter_fernet_plaintext(_counted(raw, progress), data_key):
+            writer.write(chunk)
+            size += len(chunk)
+        writer.close()
+        fout.close()
+        _publish(tmp, dst, overwrite)
     return size

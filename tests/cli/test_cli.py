@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import stat
@@ -173,3 +174,60 @@ def test_console_script_end_to_end(tmp_path, app) -> None:
     assert tree(tmp_path / "dec") == tree(IRIS)
     failed = run("decrypt", tmp_path / "missing.encrypted")
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
+
+
+def test_parallel_batch_round_trip_without_progress_noise(tmp_path, keys, cli) -> None:
+    primary, data = keys
+    src = tmp_path / "many"
+    for i in range(12):
+        (src / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 3}" / f"f{i}.bin").write_bytes(os.urandom(i * 100_003))
+    result = cli("encrypt", src, "--out", tmp_path / "enc", "--primary-key", primary, "--data-key", data, "-j", "3")
+    assert result.code == 0, result.err
+    assert "\r" not in result.err  # stderr is not a terminal: no progress bar
+    assert "Encrypted 12 files" in result.out
+    result = cli("decrypt", tmp_path / "enc", "--out", tmp_path / "dec", "--jobs", "3")
+    assert result.code == 0, result.err
+    assert tree(tmp_path / "dec") == tree(src)
+
+
+def test_batch_stops_on_a_bad_file_and_leaves_no_partial_output(tmp_path, keys, cli) -> None:
+    primary, data = keys
+    src = tmp_path / "plain"
+    src.mkdir()
+    for i in range(4):
+        (src / f"f{i}").write_bytes(os.urandom(50_000))
+    cli("encrypt", src, "--out", tmp_path / "enc", "--primary-key", primary, "--data-key", data)
+    bad = tmp_path / "enc" / "f2.encrypted"
+    bad.write_bytes(bad.read_bytes()[:-100])
+    result = cli("decrypt", tmp_path / "enc", "--out", tmp_path / "dec", "-j", "1")
+    assert result.code == 1
+    assert "f2.encrypted" in result.err and result.err.count("\n") == 1
+    assert not (tmp_path / "dec" / "f2").exists()
+    for path in (tmp_path / "dec").iterdir():  # whatever was finished is complete and correct
+        assert path.read_bytes() == (src / path.name).read_bytes()
+
+
+def test_existing_output_is_refused_before_any_work(tmp_path, keys, cli) -> None:
+    primary, data = keys
+    src = tmp_path / "plain"
+    src.mkdir()
+    (src / "a").write_text("a")
+    (src / "b").write_text("b")
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "b.encrypted").write_text("keep")
+    result = cli("encrypt", src, "--out", tmp_path / "enc", "--primary-key", primary, "--data-key", data)
+    assert result.code == 1 and "b.encrypted already exists" in result.err
+    assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["b.encrypted"]
+
+
+def test_progress_bar_draws_on_a_terminal() -> None:
+    from ppml_kms.cli._progress import Progress
+
+    stream = io.StringIO()
+    with Progress(100 << 20, "Encrypted", stream=stream, enabled=True) as progress:
+        progress(50 << 20)
+        progress(50 << 20)
+    last = stream.getvalue().rstrip("\n").split("\r")[-1]
+    assert "100.0%" in last and "100.0 MiB / 100.0 MiB" in last
+    assert Progress(100 << 20, "x", stream=io.StringIO()).enabled is False  # not a terminal
