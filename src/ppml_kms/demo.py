@@ -8,6 +8,7 @@ executors and prints the schema and an SQL query's result.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -66,6 +67,9 @@ def spark_session(app_name: str = "ppml-kms demo", master: str = "local[2]"):  #
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("ERROR")
+    # PySpark logs every failed query with a JVM stack trace; our callers report errors themselves.
+    for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):
+        logging.getLogger(name).disabled = True
     return spark
 
 

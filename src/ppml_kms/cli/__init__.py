@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(add)
     keys.register(add)
     files.register(add)
-    from . import demo
+    from . import demo, query
 
+    query.register(add)
     demo.register(add)
     return parser
 

@@ -9,6 +9,7 @@ per-process cache (one KMS call per distinct data key per worker).
 from __future__ import annotations
 
 import io
+import re
 import threading
 from collections.abc import Iterator, Mapping
 
@@ -91,6 +92,16 @@ def iter_split_lines(
             yield bytes(pending)
 
 
+_QUOTED = re.compile(r"'[^']*'")
+_AFTER_COUNTS = re.compile(r"(Expected \d+ columns, got \d+).*", re.DOTALL)
+
+
+def redact_arrow_error(message: str) -> str:
+    """An Arrow CSV error without the decrypted data it quotes (rows and cell values stay secret)."""
+    message = _AFTER_COUNTS.sub(r"\1", message)
+    return _QUOTED.sub("'<redacted>'", message).strip()
+
+
 def csv_batches(
     chunks: Iterator[bytes],
     schema: pa.Schema,
@@ -123,7 +134,7 @@ def csv_batches(
                 convert_options=convert_options,
             )
         except pa.ArrowInvalid as exc:
-            raise Error(f"{source}: CSV does not match the schema: {exc}") from None
+            raise Error(f"{source}: CSV does not match the schema: {redact_arrow_error(str(exc))}") from None
         for field in schema:
             if not field.nullable and table.column(field.name).null_count:
                 raise Error(f"{source}: column {field.name!r} is declared not nullable but has empty values")
