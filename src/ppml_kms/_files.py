@@ -16,7 +16,8 @@ __all__ = ["atomic_write_bytes", "publish", "temporary_output"]
 def temporary_output(target: Path, *, mode: int = 0o600) -> Iterator[tuple[BinaryIO, Path]]:
     """Yield a temporary file beside ``target``; it is removed unless the caller published it."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    # A short name that does not grow with the target's (long names must still work).
+    fd, name = tempfile.mkstemp(prefix=".ppml-kms-", suffix=".part", dir=target.parent)
     tmp = Path(name)
     try:
         os.fchmod(fd, mode)

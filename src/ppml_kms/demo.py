@@ -95,6 +95,8 @@ def run_demo(
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="ppml-kms-demo-"))
     workdir = Path(workdir).resolve()
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"demo work directory {workdir} exists and is not a directory")
     workdir.mkdir(parents=True, exist_ok=True)
     if any(workdir.iterdir()):
         raise ConfigError(f"demo work directory {workdir} is not empty; choose another with --workdir")

@@ -200,12 +200,16 @@ def test_batch_stops_on_a_bad_file_and_leaves_no_partial_output(tmp_path, keys, 
     cli("encrypt", src, "--out", tmp_path / "enc", "--primary-key", primary, "--data-key", data)
     bad = tmp_path / "enc" / "f2.encrypted"
     bad.write_bytes(bad.read_bytes()[:-100])
-    result = cli("decrypt", tmp_path / "enc", "--out", tmp_path / "dec", "-j", "1")
-    assert result.code == 1
-    assert "f2.encrypted" in result.err and result.err.count("\n") == 1
-    assert not (tmp_path / "dec" / "f2").exists()
-    for path in (tmp_path / "dec").iterdir():  # whatever was finished is complete and correct
-        assert path.read_bytes() == (src / path.name).read_bytes()
+    for jobs in ("1", "3"):
+        result = cli("decrypt", tmp_path / "enc", "--out", tmp_path / "dec", "-j", jobs)
+        assert result.code == 1
+        assert "f2.encrypted" in result.err and result.err.count("\n") == 1
+        assert not (tmp_path / "dec").exists()  # all or nothing: the run's outputs and directory are gone
+    (tmp_path / "dec").mkdir()
+    (tmp_path / "dec" / "f0").write_bytes(b"old output")
+    result = cli("decrypt", tmp_path / "enc", "--out", tmp_path / "dec", "--force")
+    assert result.code == 1 and "removed the" in result.err
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["f0"]  # pre-existing output left alone
 
 
 def test_existing_output_is_refused_before_any_work(tmp_path, keys, cli) -> None:
@@ -231,3 +235,99 @@ def test_progress_bar_draws_on_a_terminal() -> None:
     last = stream.getvalue().rstrip("\n").split("\r")[-1]
     assert "100.0%" in last and "100.0 MiB / 100.0 MiB" in last
     assert Progress(100 << 20, "x", stream=io.StringIO()).enabled is False  # not a terminal
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate-data-key", "--primary-key", "pk", "--out", "dk", "--length", "0"],
+        ["generate-data-key", "--primary-key", "pk", "--out", "dk", "--length", "99999"],
+        ["encrypt", "x", "--primary-key", "pk", "--segment-size", "1"],
+        ["encrypt", "x", "--primary-key", "pk", "-j", "0"],
+        ["server", "--data-dir", "d", "--port", "99999"],
+    ],
+)
+def test_bad_option_values_are_usage_errors(cli, argv) -> None:
+    result = cli(*argv)
+    assert result.code == 2 and "Traceback" not in result.err
+
+
+@pytest.mark.parametrize("context", ["=x", "novalue", "k=" + "v" * 2000])
+def test_bad_context_is_a_usage_error(tmp_path, keys, cli, context) -> None:
+    primary, data = keys
+    (tmp_path / "p").write_text("x")
+    result = cli("encrypt", tmp_path / "p", "--primary-key", primary, "--data-key", data, "--context", context)
+    assert result.code == 2 and "--context" in result.err
+    assert not (tmp_path / "p.encrypted").exists()
+
+
+def test_plain_http_urls_need_insecure(cli, tmp_path) -> None:
+    result = cli("enroll", "--url", "http://127.0.0.1:9/ehsm")
+    assert result.code == 1 and "plain-HTTP" in result.err
+
+
+def test_enroll_checks_save_target_before_enrolling(cli, kms_server, tmp_path) -> None:
+    existing = tmp_path / "creds"
+    existing.write_text("keep")
+    result = cli("enroll", "--url", kms_server.url, "--ca-cert", kms_server.ca_cert, "--save", existing)
+    assert result.code == 1 and "already exists" in result.err
+    assert result.out == "" and existing.read_text() == "keep"
+
+
+def test_no_key_is_created_when_the_key_file_cannot_be_written(tmp_path, app, monkeypatch, cli) -> None:
+    app.env(monkeypatch)
+    with app.client() as client:
+        before = len(client.list_keys())
+        (tmp_path / "adir").mkdir()
+        (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+        for target in (tmp_path / "adir", tmp_path / "dangling"):
+            result = cli("generate-primary-key", "--out", target, "--force")
+            assert result.code == 1, result.err
+        assert len(client.list_keys()) == before
+
+
+def test_current_directory_and_trailing_slash_outputs(tmp_path, keys, cli, monkeypatch) -> None:
+    primary, data = keys
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "a.csv").write_text("a\n")
+    (work / ".hidden").write_text("secret\n")
+    monkeypatch.chdir(work)
+    result = cli("encrypt", ".", "--primary-key", primary, "--data-key", data)
+    assert result.code == 0, result.err
+    assert sorted(tree(tmp_path / "work.encrypted")) == [".hidden.encrypted", "a.csv.encrypted"]
+    result = cli("encrypt", "a.csv", "--out", str(tmp_path / "newdir") + "/", "--primary-key", primary, "--data-key", data)
+    assert result.code == 0, result.err
+    assert (tmp_path / "newdir" / "a.csv.encrypted").is_file()
+    result = cli("decrypt", tmp_path / "work.encrypted", "--out", tmp_path / "back")
+    assert result.code == 0 and "bytes of plaintext" in result.out
+    assert tree(tmp_path / "back") == tree(work)
+
+
+def test_sigterm_cancels_and_removes_partial_output(tmp_path, app) -> None:
+    """A long encryption stopped by SIGTERM exits 130 and leaves no output and no temporary file."""
+    import signal
+    import time
+
+    exe = shutil.which("ppml-kms", path=str(Path(sys.executable).parent)) or "ppml-kms"
+    env = dict(os.environ, PPML_KMS_URL=app.url, PPML_KMS_APPID=app.appid,
+               PPML_KMS_APIKEY=app.apikey, PPML_KMS_CA_CERT=app.ca_cert)
+    big = tmp_path / "in" / "big.bin"
+    big.parent.mkdir()
+    with open(big, "wb") as handle:  # sparse: cheap to make, slow enough to encrypt
+        handle.truncate(8 << 30)
+    subprocess.run([exe, "generate-primary-key", "--out", tmp_path / "pk"], env=env, check=True, timeout=60)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [exe, "encrypt", big.parent, "--out", out, "--primary-key", tmp_path / "pk"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not any(out.glob(".ppml-kms-*.part")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert not out.exists()  # no partial file, no temporary file, no directory made for them

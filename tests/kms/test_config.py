@@ -12,12 +12,37 @@ from ppml_kms.exceptions import ConfigError
 from ppml_kms.kms.config import KmsConfig, read_credentials_file, write_credentials_file
 
 
-def test_environment_wins_over_credentials_file(tmp_path, monkeypatch) -> None:
+def test_explicit_credentials_file_wins_over_environment(tmp_path, monkeypatch) -> None:
     creds = tmp_path / "creds"
     creds.write_text("PPML_KMS_URL=https://file:1/ehsm\nexport PPML_KMS_APPID='file-app'\nPPML_KMS_APIKEY=filekey # c\n")
     monkeypatch.setenv("PPML_KMS_APPID", "env-app")
+    monkeypatch.setenv("PPML_KMS_APIKEY", "env-key")
     config = KmsConfig.load(credentials_file=str(creds))
-    assert (config.url, config.appid, config.apikey) == ("https://file:1/ehsm", "env-app", "filekey")
+    assert (config.url, config.appid, config.apikey) == ("https://file:1/ehsm", "file-app", "filekey")
+
+
+def test_environment_wins_over_files_found_by_default(tmp_path, monkeypatch) -> None:
+    creds = tmp_path / "creds"
+    creds.write_text("PPML_KMS_APPID=file-app\nPPML_KMS_APIKEY=filekey\n")
+    monkeypatch.setenv("PPML_KMS_CREDENTIALS", str(creds))
+    monkeypatch.setenv("PPML_KMS_APPID", "env-app")
+    monkeypatch.setenv("PPML_KMS_APIKEY", "env-key")
+    assert KmsConfig.load().require_credentials() == ("env-app", "env-key")
+
+
+def test_appid_and_apikey_never_mix_sources(tmp_path, monkeypatch) -> None:
+    creds = tmp_path / "creds"
+    creds.write_text("PPML_KMS_APPID=file-app\nPPML_KMS_APIKEY=filekey\n")
+    monkeypatch.setenv("PPML_KMS_CREDENTIALS", str(creds))
+    monkeypatch.setenv("APPID", "bigdl-app")  # half a pair in the environment
+    assert KmsConfig.load().require_credentials() == ("file-app", "filekey")
+
+
+def test_non_utf8_credentials_file(tmp_path) -> None:
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"PPML_KMS_APPID=\xff\n")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        read_credentials_file(bad)
 
 
 def test_bigdl_variables_are_accepted(monkeypatch) -> None:

@@ -35,19 +35,21 @@ class Progress:
             enabled = total >= MIN_BYTES and getattr(self.stream, "isatty", lambda: False)()
         self.enabled = enabled
         self.done = 0
-        self.files_done = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start = time.monotonic()
 
     def __call__(self, n: int) -> None:
-        with self._lock:
-            self.done += n
+        self.done += n  # int += under the GIL; a lost update would only delay the bar
 
-    def file_finished(self) -> None:
+    def println(self, text: str) -> None:
+        """Print a line on stdout without mixing it into the bar's line."""
         with self._lock:
-            self.files_done += 1
+            if self._thread is not None:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+            print(text, flush=True)
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self._start, 1e-6)
@@ -62,8 +64,9 @@ class Progress:
 
     def _run(self) -> None:
         while not self._stop.wait(0.25):
-            self.stream.write(self.line())
-            self.stream.flush()
+            with self._lock:
+                self.stream.write(self.line())
+                self.stream.flush()
 
     def __enter__(self) -> Progress:
         if self.enabled:

@@ -42,6 +42,8 @@ def read_credentials_file(path: str | os.PathLike[str]) -> dict[str, str]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read credentials file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"credentials file {path} is not UTF-8 text") from None
     values: dict[str, str] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -114,19 +116,23 @@ class KmsConfig:
             if default.is_file():
                 path = str(default)
                 file_values = read_credentials_file(default)
+        ours_env = {k: env[k] for k in _KNOWN if env.get(k)}
+        bigdl_env = {ENV_APPID: env.get("APPID", ""), ENV_APIKEY: env.get("APIKEY", "")}
+        # A file named on the command line beats the environment; otherwise the environment wins.
+        sources = [file_values, ours_env, bigdl_env] if credentials_file else [ours_env, bigdl_env, file_values]
 
-        def pick(*names: str) -> str | None:
-            for source in (env, file_values):
-                for name in names:
-                    value = source.get(name)
-                    if value:
-                        return value
-            return None
+        def pick(name: str) -> str | None:
+            return next((s[name] for s in sources if s.get(name)), None)
 
+        # appid and apikey always come as a pair from one source, never mixed.
+        pair = next(
+            ((s[ENV_APPID], s[ENV_APIKEY]) for s in sources if s.get(ENV_APPID) and s.get(ENV_APIKEY)),
+            (pick(ENV_APPID), pick(ENV_APIKEY)),
+        )
         return cls(
             url=url or pick(ENV_URL),
-            appid=pick(ENV_APPID, "APPID"),
-            apikey=pick(ENV_APIKEY, "APIKEY"),
+            appid=pair[0],
+            apikey=pair[1],
             ca_cert=ca_cert or pick(ENV_CA_CERT),
             insecure=insecure,
             credentials_file=str(path) if path else None,

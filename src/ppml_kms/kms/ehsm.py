@@ -32,11 +32,14 @@ _AUTH_MESSAGES = (
 )
 
 
-def normalize_url(url: str) -> str:
+def normalize_url(url: str, *, allow_http: bool = False) -> str:
     """Return the ``.../ehsm`` endpoint for ``url`` (``https://host:port`` gets ``/ehsm`` appended).
 
+    Plain ``http://`` would send credentials and keys in clear: refused unless ``allow_http``
+    (the user's ``--insecure``), for 2021-era eHSM servers that had no TLS.
+
     Raises:
-        ConfigError: not an http(s) URL.
+        ConfigError: not an https URL (or http without ``allow_http``).
     """
     try:
         parsed = httpx.URL(url.strip())
@@ -44,6 +47,11 @@ def normalize_url(url: str) -> str:
         raise ConfigError(f"invalid KMS URL {url!r}: {exc}") from None
     if parsed.scheme not in ("https", "http") or not parsed.host:
         raise ConfigError(f"invalid KMS URL {url!r}: expected https://HOST:PORT/ehsm")
+    if parsed.scheme == "http" and not allow_http:
+        raise ConfigError(
+            f"refusing plain-HTTP KMS URL {url!r}: keys and credentials would travel in clear "
+            "(use https, or --insecure for a test server without TLS)"
+        )
     path = parsed.path.rstrip("/")
     if not path:
         path = "/ehsm"
@@ -87,7 +95,7 @@ class EhsmClient(KeyManagementService):
         timeout: float = 30.0,
         http_client: httpx.Client | None = None,
     ) -> None:
-        self.url = normalize_url(url)
+        self.url = normalize_url(url, allow_http=insecure)
         self.appid = appid
         self._apikey = apikey
         if http_client is None:
@@ -136,6 +144,11 @@ class EhsmClient(KeyManagementService):
                 response = self._http.post(self.url, params={"Action": action}, json=body)
         except httpx.ConnectError as exc:
             text = str(exc)
+            if "hostname mismatch" in text.lower() or "doesn't match" in text.lower():
+                raise KmsTransportError(
+                    f"TLS certificate of {self.url} does not cover host {httpx.URL(self.url).host!r}; "
+                    "use a name the certificate was issued for (ppml-kms server --hostname NAME)"
+                ) from exc
             if "CERTIFICATE_VERIFY_FAILED" in text or "certificate" in text.lower():
                 raise KmsTransportError(
                     f"TLS certificate of {self.url} is not trusted ({text.strip()}); pass the server's "
@@ -185,7 +198,8 @@ class EhsmClient(KeyManagementService):
     def _keyid(token: str) -> str:
         if not _KEYID.match(token):
             raise ConfigError(
-                "primary key token is not an eHSM key id (key blobs from 2021-era eHSM are not supported)"
+                "primary key token is not an eHSM key id (a lowercase uuid); key blobs from "
+                "2021-era eHSM are not supported"
             )
         return token
 
