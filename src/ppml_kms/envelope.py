@@ -418,6 +418,35 @@ def decrypt_file(
 # -- BigDL's whole-file Fernet files (read-only, for migration) --------------------------------
 
 
+def _from_legacy(
+    src: Path,
+    dst: Path,
+    data_key: bytes,
+    *,
+    overwrite: bool,
+    progress: Progress | None,
+    mode: int,
+    sink: Callable[[BinaryIO], BinaryIO],
+) -> int:
+    """Stream the verified plaintext of a BigDL Fernet file into ``sink(temporary output)``."""
+    from .legacy import iter_fernet_plaintext
+
+    src, dst = Path(src), Path(dst)
+    _check_distinct(src, dst)
+    if not overwrite and dst.exists():
+        raise OutputExistsError(f"{dst} already exists (use --force to replace it)")
+    size = 0
+    with open(src, "rb") as raw, temporary_output(dst, mode=mode) as (fout, tmp):
+        writer = sink(fout)
+        for chunk in iter_fernet_plaintext(_counted(raw, progress), data_key):
+            writer.write(chunk)
+            size += len(chunk)
+        writer.close()
+        fout.close()
+        _publish(tmp, dst, overwrite)
+    return size
+
+
 def decrypt_legacy_file(
     src: Path, dst: Path, data_key: bytes, *, overwrite: bool = False, progress: Progress | None = None
 ) -> int:
@@ -427,20 +456,7 @@ def decrypt_legacy_file(
     Raises:
         OutputExistsError, InvalidCiphertext.
     """
-    from .legacy import iter_fernet_plaintext
-
-    src, dst = Path(src), Path(dst)
-    _check_distinct(src, dst)
-    if not overwrite and dst.exists():
-        raise OutputExistsError(f"{dst} already exists (use --force to replace it)")
-    size = 0
-    with open(src, "rb") as raw, temporary_output(dst, mode=0o600) as (fout, tmp):
-        for chunk in iter_fernet_plaintext(_counted(raw, progress), data_key):
-            fout.write(chunk)
-            size += len(chunk)
-        fout.close()
-        _publish(tmp, dst, overwrite)
-    return size
+    return _from_legacy(src, dst, data_key, overwrite=overwrite, progress=progress, mode=0o600, sink=lambda f: f)
 
 
 def migrate_legacy_file(
@@ -459,19 +475,6 @@ def migrate_legacy_file(
     Raises:
         OutputExistsError, InvalidCiphertext.
     """
-    from .legacy import iter_fernet_plaintext
-
-    src, dst = Path(src), Path(dst)
-    _check_distinct(src, dst)
-    if not overwrite and dst.exists():
-        raise OutputExistsError(f"{dst} already exists (use --force to replace it)")
-    size = 0
-    with open(src, "rb") as raw, temporary_output(dst, mode=0o644) as (fout, tmp):
-        writer = encryptor.writer(fout)
-        for chunk in iter_fernet_plaintext(_counted(raw, progress), data_key):
-            writer.write(chunk)
-            size += len(chunk)
-        writer.close()
-        fout.close()
-        _publish(tmp, dst, overwrite)
-    return size
+    return _from_legacy(
+        src, dst, data_key, overwrite=overwrite, progress=progress, mode=0o644, sink=encryptor.writer
+    )
