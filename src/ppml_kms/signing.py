@@ -1,13 +1,14 @@
 """eHSM request signing, shared by the ``ehsm`` client and our eHSM-compatible server.
 
 The canonical string is eHSM's ``params_sort_str`` (``svc/function.js``), reproduced exactly
-(see ``ehsm-api.md`` §2.3):
+(see ``docs/ehsm-compat.md`` §2.3):
 
-* keys sorted in plain string order;
+* keys sorted by UTF-16 code units (JavaScript's default sort);
 * values that are ``None``, ``''``, the number ``0`` or ``False`` are skipped (JavaScript's
   loose ``!= ''``), a non-empty string such as ``"0"`` is kept;
 * ``key=value`` pairs joined by ``&``; an object value is replaced by its own canonical
-  string (no braces, no escaping); numbers print as JavaScript's ``String()``; no URL-encoding.
+  string (no braces, no escaping); numbers and arrays print as JavaScript's ``String()``;
+  no URL-encoding.
 
 ``sign = base64(HMAC-SHA256(key=utf8(apikey), msg=utf8(canonical)))``.
 """
@@ -19,6 +20,7 @@ import hashlib
 import hmac
 import math
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 __all__ = ["canonical_string", "sign", "verify"]
@@ -41,15 +43,42 @@ def _js_skipped(value: Any) -> bool:
 
 
 def _js_number(value: int | float) -> str:
+    """JavaScript's ``String(number)`` (ECMA-262 Number::toString) for a JSON number.
+
+    JSON integers beyond 2**53 are doubles in JavaScript, so they are rounded the same way here.
+    """
     if isinstance(value, int):
-        return str(value)
+        if abs(value) <= 2**53:
+            return str(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            return "Infinity" if value > 0 else "-Infinity"
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
         return "Infinity" if value > 0 else "-Infinity"
-    if value.is_integer() and abs(value) < 1e21:
-        return str(int(value))
-    return repr(value)
+    if value == 0:
+        return "0"
+    sign = "-" if value < 0 else ""
+    # Shortest round-trip digits s and exponent n with value = 0.s * 10**n (repr gives them).
+    _, digit_tuple, exponent = Decimal(repr(abs(value))).as_tuple()
+    digits = "".join(map(str, digit_tuple))
+    stripped = digits.rstrip("0")
+    exponent += len(digits) - len(stripped)  # type: ignore[operator]
+    k = len(stripped)
+    n = exponent + k  # type: ignore[operator]
+    if k <= n <= 21:
+        text = stripped + "0" * (n - k)
+    elif 0 < n <= 21:
+        text = stripped[:n] + "." + stripped[n:]
+    elif -6 < n <= 0:
+        text = "0." + "0" * (-n) + stripped
+    else:
+        e = n - 1
+        mantissa = stripped if k == 1 else stripped[0] + "." + stripped[1:]
+        text = f"{mantissa}e{'+' if e > 0 else '-'}{abs(e)}"
+    return sign + text
 
 
 def _js_string(value: Any) -> str:
@@ -61,15 +90,22 @@ def _js_string(value: Any) -> str:
         return "null"
     if isinstance(value, (int, float)):
         return _js_number(value)
-    if isinstance(value, list):  # Array.prototype.toString
+    if isinstance(value, Mapping):
+        return "[object Object]"
+    if isinstance(value, list):  # Array.prototype.toString: null/undefined become ''
         return ",".join("" if v is None else _js_string(v) for v in value)
     return str(value)
+
+
+def _utf16_order(key: str) -> bytes:
+    # Array.prototype.sort compares UTF-16 code units, not code points.
+    return key.encode("utf-16-be", "surrogatepass")
 
 
 def canonical_string(params: Mapping[str, Any]) -> str:
     """Return eHSM's canonical string for ``params`` (the fields to sign, without ``sign``)."""
     parts: list[str] = []
-    for key in sorted(params):
+    for key in sorted(params, key=_utf16_order):
         value = params[key]
         if _js_skipped(value):
             continue

@@ -1,6 +1,6 @@
 """Client for Intel eHSM's REST API (and for our compatible server).
 
-One method per eHSM Action; see ``ehsm-api.md`` for the wire protocol. Every POST is signed
+One method per eHSM Action; see ``docs/ehsm-compat.md`` for the wire protocol. Every POST is signed
 (:mod:`ppml_kms.signing`) with a fresh millisecond timestamp and a random nonce; every answer's
 JSON ``code`` is checked (eHSM answers HTTP 200 even for errors).
 """
@@ -186,7 +186,7 @@ class EhsmClient(KeyManagementService):
             "nonce": secrets.token_hex(16),
         }
         if payload is not None:
-            # eHSM skips empty values when signing; never send them (ehsm-api.md §2.3).
+            # eHSM skips empty values when signing; never send them (docs/ehsm-compat.md §2.3).
             params["payload"] = {k: v for k, v in payload.items() if v not in (None, "")}
         params["sign"] = signing.sign(self._apikey, params)
         result = self._send(action, "POST", params)
