@@ -1,4 +1,4 @@
-"""Every implemented Action over real HTTPS (ehsm-api.md §5)."""
+"""Every implemented Action over real HTTPS (docs/ehsm-compat.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The request envelope, signature and replay rules (ehsm-api.md §1-§3), over real HTTPS."""
+"""The request envelope, signature and replay rules (docs/ehsm-compat.md §1-§3), over real HTTPS."""
 
 from __future__ import annotations
 

@@ -21,8 +21,9 @@ import pytest
 from ppml_kms import signing
 from ppml_kms.exceptions import ConfigError
 from ppml_kms.server.app import create_app
-from ppml_kms.server.run import ServerThread, prepare_data_dir
+from ppml_kms.server.run import ServerThread, _banner, _certificate_names, prepare_data_dir
 from ppml_kms.server.store import KeyRecord, SQLiteKeyStore, open_sqlite_store
+from ppml_kms.server.tls import certificate_names, ensure_tls
 
 from .conftest import enroll
 
@@ -177,3 +178,60 @@ def test_database_error_on_apikey_lookup(tmp_path: Path) -> None:
         "result": {},
     }
     assert _asgi(app, "GET", "Enroll")["code"] == 500
+
+
+# -- the listening line names the certificate's names off loopback ---------------------------------
+
+
+def test_banner_on_loopback_is_unchanged(tmp_path: Path) -> None:
+    cert, _ = ensure_tls(tmp_path)
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.5"):
+        line = _banner("https://h:1/ehsm", tmp_path, host, cert)
+        assert line == (
+            f"ppml-kms server listening on https://h:1/ehsm (data: {tmp_path}, "
+            f"CA certificate: {cert})"
+        )
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "10.1.2.3", "kms.example.org"])
+def test_banner_off_loopback_lists_the_names(tmp_path: Path, host: str) -> None:
+    cert, _ = ensure_tls(tmp_path, _certificate_names(host, ["kms.example.org"]))
+    line = _banner("https://h:1/ehsm", tmp_path, host, cert)
+    assert "\n" not in line
+    names = certificate_names(cert)
+    assert line.endswith(
+        f"; the certificate covers {', '.join(names)}: clients must connect by one of these "
+        "names (add others with --hostname NAME)"
+    )
+    assert names[:4] == ["localhost", "127.0.0.1", "::1", "kms.example.org"]
+    assert (host in names) == (host not in ("0.0.0.0", "::", ""))
+
+
+def test_serve_on_all_interfaces_prints_the_names(tmp_path: Path) -> None:
+    data = tmp_path / "kms"
+    code = (
+        "import sys; from ppml_kms.server.run import serve; "
+        "serve(sys.argv[1], host='0.0.0.0', port=0, hostnames=['kms.example.org'])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = _read_line(proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert re.fullmatch(
+        r"ppml-kms server listening on https://0\.0\.0\.0:\d+/ehsm \(data: .+, CA certificate: "
+        r".+/tls/cert\.pem\); the certificate covers localhost, 127\.0\.0\.1, ::1, "
+        r"kms\.example\.org: clients must connect by one of these names "
+        r"\(add others with --hostname NAME\)\n",
+        line,
+    ), line

@@ -1,4 +1,4 @@
-"""eHSM request signing (ehsm-api.md §2.3): known answers, the JavaScript skip rule, the server."""
+"""eHSM request signing (docs/ehsm-compat.md §2.3): known answers, the JavaScript skip rule, the server."""
 
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ import os
 import pickle
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from ppml_kms.server.store import (
     DomainKey,
     KeyStoreError,
     SQLiteKeyStore,
+    key_check_matches,
     load_or_create_domain_key,
     open_sqlite_store,
 )
@@ -141,9 +144,193 @@ def test_rows_cannot_be_swapped(tmp_path: Path) -> None:
 def test_wrong_domain_key_fails_closed(tmp_path: Path) -> None:
     with open_sqlite_store(tmp_path) as store:
         store.add_app("app-1", "apikey", 0)
-    with SQLiteKeyStore(tmp_path / "kms.sqlite3", DomainKey(os.urandom(32))) as other:
-        with pytest.raises(KeyStoreError):
-            other.apikey_for("app-1")
+    with pytest.raises(KeyStoreError, match="does not match"):
+        SQLiteKeyStore(tmp_path / "kms.sqlite3", DomainKey(os.urandom(32)))
+    # Below the key check, a blob still refuses to unwrap under another key.
+    with pytest.raises(KeyStoreError, match="authentication"):
+        DomainKey(os.urandom(32)).unwrap(DomainKey(b"k" * 32).wrap(b"secret", b"aad"), b"aad")
+
+
+# -- the domain key check value --------------------------------------------------------------------
+
+
+def _meta(data: Path) -> list[tuple[str, bytes]]:
+    with sqlite3.connect(data / "kms.sqlite3") as db:
+        rows = db.execute("SELECT name, value FROM meta").fetchall()
+    db.close()
+    return rows
+
+
+def _populated(data: Path) -> tuple[str, bytes]:
+    """A data directory with one app and one key; returns the keyid and the domain key bytes."""
+    with open_sqlite_store(data) as store:
+        store.add_app("app-1", "A" * 32, 0)
+        keyid = new_key(store)
+    return keyid, (data / "domain.key").read_bytes()
+
+
+def test_key_check_value_written_on_first_open(tmp_path: Path) -> None:
+    open_sqlite_store(tmp_path).close()
+    key = (tmp_path / "domain.key").read_bytes()
+    [(name, value)] = _meta(tmp_path)
+    assert name == "domain_key_check"
+    assert key_check_matches(DomainKey(key), value)
+    assert not key_check_matches(DomainKey(os.urandom(32)), value)
+    assert not key_check_matches(DomainKey(key), b"garbage")
+    assert key not in value and key not in (tmp_path / "kms.sqlite3").read_bytes()
+    open_sqlite_store(tmp_path).close()  # verified, not rewritten
+    assert _meta(tmp_path) == [(name, value)]
+
+
+def test_missing_domain_key_beside_data_is_refused(tmp_path: Path) -> None:
+    _populated(tmp_path)
+    (tmp_path / "domain.key").unlink()
+    before = (tmp_path / "kms.sqlite3").read_bytes()
+    with pytest.raises(KeyFileError) as caught:
+        open_sqlite_store(tmp_path)
+    assert caught.value.diagnostics() == (
+        f"domain key {tmp_path / 'domain.key'} is missing but {tmp_path / 'kms.sqlite3'} holds "
+        "keys; restore the domain key or use a new data directory"
+    )
+    assert not (tmp_path / "domain.key").exists()  # no new key was created
+    assert (tmp_path / "kms.sqlite3").read_bytes() == before
+
+
+@pytest.mark.parametrize("table", ["apps", "cmks"])
+def test_missing_domain_key_refused_for_apps_or_keys_alone(tmp_path: Path, table: str) -> None:
+    with open_sqlite_store(tmp_path) as store:
+        store.add_app("app-1", "A" * 32, 0)
+        new_key(store)
+    with sqlite3.connect(tmp_path / "kms.sqlite3") as db:
+        db.execute(f"DELETE FROM {'cmks' if table == 'apps' else 'apps'}")
+    db.close()
+    (tmp_path / "domain.key").unlink()
+    with pytest.raises(KeyFileError, match="is missing but"):
+        open_sqlite_store(tmp_path)
+
+
+def test_replaced_domain_key_is_refused(tmp_path: Path) -> None:
+    keyid, original = _populated(tmp_path)
+    other = os.urandom(32)
+    (tmp_path / "domain.key").write_bytes(other)
+    with pytest.raises(KeyStoreError) as caught:
+        open_sqlite_store(tmp_path)
+    message = caught.value.diagnostics()
+    assert message == (
+        f"domain key {tmp_path / 'domain.key'} does not match {tmp_path / 'kms.sqlite3'}, which "
+        "was initialised with another domain key; restore the original domain key or use a new "
+        "data directory"
+    )
+    assert (tmp_path / "domain.key").read_bytes() == other  # never overwritten
+    (tmp_path / "domain.key").write_bytes(original)
+    with open_sqlite_store(tmp_path) as store:  # the original key still works
+        assert store.apikey_for("app-1") == "A" * 32
+        record = store.get_key(keyid)
+        assert record is not None and store.release_key_material(record) == b"k" * 32
+
+
+def test_replaced_domain_key_refused_even_without_data(tmp_path: Path) -> None:
+    open_sqlite_store(tmp_path).close()
+    (tmp_path / "domain.key").write_bytes(os.urandom(32))
+    with pytest.raises(KeyStoreError, match="does not match"):
+        open_sqlite_store(tmp_path)
+
+
+def test_missing_domain_key_without_data_starts_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    open_sqlite_store(tmp_path).close()
+    (tmp_path / "domain.key").unlink()
+    with open_sqlite_store(tmp_path) as store:
+        store.add_app("app-1", "A" * 32, 0)
+    key = (tmp_path / "domain.key").read_bytes()
+    assert key_check_matches(DomainKey(key), _meta(tmp_path)[0][1])
+    assert "it now uses the new domain key" in caplog.text
+    with open_sqlite_store(tmp_path) as store:
+        assert store.apikey_for("app-1") == "A" * 32
+
+
+def _drop_check_value(data: Path) -> None:
+    """Make ``data`` look like a data directory from before key-check values."""
+    with sqlite3.connect(data / "kms.sqlite3") as db:
+        db.execute("DROP TABLE meta")
+    db.close()
+
+
+def test_older_database_gets_a_check_value(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    _, key = _populated(tmp_path)
+    _drop_check_value(tmp_path)
+    with open_sqlite_store(tmp_path) as store:
+        assert store.apikey_for("app-1") == "A" * 32
+    assert key_check_matches(DomainKey(key), _meta(tmp_path)[0][1])
+    assert "added a domain key check value" in caplog.text
+    assert "do not unwrap" not in caplog.text
+
+
+def test_older_database_with_a_foreign_key_is_refused(tmp_path: Path) -> None:
+    _populated(tmp_path)
+    _drop_check_value(tmp_path)
+    (tmp_path / "domain.key").write_bytes(os.urandom(32))
+    with pytest.raises(KeyStoreError, match="does not unwrap any secret stored in"):
+        open_sqlite_store(tmp_path)
+    assert _meta(tmp_path) == []  # nothing was recorded for the wrong key
+
+
+def test_older_database_with_mixed_keys_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _populated(tmp_path)
+    _drop_check_value(tmp_path)
+    foreign = DomainKey(os.urandom(32))
+    with sqlite3.connect(tmp_path / "kms.sqlite3") as db:  # an app enrolled under another key
+        blob = foreign.wrap(b"B" * 32, b'["ppml-kms/apikey/v1", "app-2"]')
+        db.execute("INSERT INTO apps VALUES ('app-2', ?, 0)", (blob,))
+    db.close()
+    with open_sqlite_store(tmp_path) as store:
+        assert store.apikey_for("app-1") == "A" * 32
+    assert "1 of the secrets" in caplog.text and "do not unwrap" in caplog.text
+
+
+def test_server_refuses_a_missing_domain_key(tmp_path: Path) -> None:
+    data = tmp_path / "kms"
+    with ServerThread(data) as server, httpx.Client(verify=server.ssl_context()) as http:
+        enroll(http, server.url)
+    (data / "domain.key").unlink()
+    with pytest.raises(KeyFileError, match="is missing but"):
+        ServerThread(data).start()
+    assert not (data / "domain.key").exists()
+
+
+def test_cli_reports_a_replaced_domain_key_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "kms"
+    _populated(data)
+    (data / "domain.key").write_bytes(os.urandom(32))
+    result = subprocess.run(
+        [sys.executable, "-m", "ppml_kms.cli", "server", "--data-dir", str(data), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"ppml-kms: error: domain key {data / 'domain.key'} does not")
+    (data / "domain.key").unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "ppml_kms.cli", "server", "--data-dir", str(data), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (
+        f"ppml-kms: error: domain key {data / 'domain.key'} is missing but "
+        f"{data / 'kms.sqlite3'} holds keys; restore the domain key or use a new data directory\n"
+    )
 
 
 def test_store_operations(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""eHSM's payload checker: exact messages and limits (ehsm-api.md §3-§4)."""
+"""eHSM's payload checker: exact messages and limits (docs/ehsm-compat.md §3-§4)."""
 
 from __future__ import annotations
 

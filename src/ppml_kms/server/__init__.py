@@ -1,6 +1,6 @@
 """An eHSM-compatible key management server (Starlette + uvicorn, HTTPS, SQLite).
 
-It speaks Intel eHSM-KMS's REST API as the real server behaves (``ehsm-api.md``): one
+It speaks Intel eHSM-KMS's REST API as the real server behaves (``docs/ehsm-compat.md``): one
 endpoint ``/ehsm?Action=...``, HMAC-signed JSON envelopes, eHSM's replay rules, HTTP 200 with
 the real status in the JSON ``code``. Customer master keys never leave the server; they are
 stored wrapped under a domain key kept beside the database.

@@ -1,4 +1,4 @@
-"""One handler per eHSM Action (``ehsm-api.md`` §5), over a :class:`.store.KeyStore`.
+"""One handler per eHSM Action (``docs/ehsm-compat.md`` §5), over a :class:`.store.KeyStore`.
 
 Handlers run after the envelope was authenticated and the payload passed
 :func:`~ppml_kms.server.validation.check_payload`; they return the reply envelope.

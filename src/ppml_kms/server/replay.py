@@ -1,4 +1,4 @@
-"""eHSM's replay cache (``ehsm-api.md`` §2.4).
+"""eHSM's replay cache (``docs/ehsm-compat.md`` §2.4).
 
 Per appid, the server remembers ``(nonce, timestamp)`` of recent requests for 20 minutes. A
 request is a replay when the cache already holds *an* entry with the same nonce **and** *an* entry

@@ -1,7 +1,7 @@
 """The eHSM response envelope and the exact messages the real server sends.
 
 Every answer is HTTP 200 with a JSON body ``{"code": int, "message": str, "result": object|null}``
-(``ehsm-api.md`` §3). Errors raised by eHSM's JavaScript layer carry ``"result": {}``; errors from
+(``docs/ehsm-compat.md`` §3). Errors raised by eHSM's JavaScript layer carry ``"result": {}``; errors from
 its enclave bridge carry ``"result": null``. Both shapes are reproduced because clients see them.
 """
 
@@ -11,6 +11,7 @@ from typing import Any
 
 __all__ = [
     "API_NOT_FOUND",
+    "BODY_TIMEOUT",
     "DATABASE_ERROR",
     "DECRYPTION_FAILED",
     "INTERNAL_ERROR",
@@ -19,7 +20,9 @@ __all__ = [
     "NONCE_LENGTH_ERROR",
     "PARAM_TYPE_ERROR",
     "REPLAYED",
+    "REQUEST_ABORTED",
     "Reply",
+    "SHUTTING_DOWN",
     "SIGN_ERROR",
     "TIMESTAMP_ERROR",
     "TIMESTAMP_LENGTH_ERROR",
@@ -42,6 +45,9 @@ SIGN_ERROR = "sign error"
 DATABASE_ERROR = "database error"
 INVALID_JSON = "Invalid JSON"
 TOO_LARGE = "request entity too large"
+REQUEST_ABORTED = "request aborted"  # body-parser's words when the client goes away mid-body
+BODY_TIMEOUT = "request timeout"
+SHUTTING_DOWN = "Server is shutting down"
 API_NOT_FOUND = "API Not Found"
 INTERNAL_ERROR = "Server internal error, please contact the administrator."
 DECRYPTION_FAILED = "Decryption failed, Please confirm that your parameters are correct."

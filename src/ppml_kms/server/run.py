@@ -10,13 +10,22 @@ Both prepare the data directory the same way::
 
 and serve the same application over HTTPS with uvicorn, on a socket bound here (so port 0 works and
 the real port is known before serving).
+
+Slow or abandoned clients are bounded: a connection must send a complete request head within
+``request_timeout`` seconds of connecting (or of its previous answer), and then its body within
+``request_timeout`` again (the application answers 400 and closes); idle keep-alive connections
+close after 5 s; at most 512 connections/requests are served at once (uvicorn answers 503 beyond).
+On SIGINT/SIGTERM the server stops accepting, answers requests whose body stalls, lets running
+requests finish for up to 5 s, and returns without a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import signal
 import socket
 import ssl
@@ -27,20 +36,41 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ppml_kms.exceptions import ConfigError
-from ppml_kms.server.app import create_app
+from ppml_kms.server.app import KmsApp, create_app
 from ppml_kms.server.store import KeyStore, SQLiteKeyStore, open_sqlite_store
-from ppml_kms.server.tls import ensure_tls
+from ppml_kms.server.tls import certificate_names, ensure_tls
 
-__all__ = ["ServerThread", "prepare_data_dir", "serve"]
+__all__ = ["REQUEST_TIMEOUT_SECONDS", "ServerThread", "prepare_data_dir", "serve"]
 
 logger = logging.getLogger(__name__)
 
+REQUEST_TIMEOUT_SECONDS = 30.0  # for a request's head, then again for its body
+_CONCURRENCY_LIMIT = 512  # connections or requests at once; uvicorn answers 503 beyond
+_KEEP_ALIVE_SECONDS = 5  # Node's default keepAliveTimeout, as eHSM has
+_GRACEFUL_SHUTDOWN_SECONDS = 5
+_CLOSE_LINGER_SECONDS = 2.0  # then a connection whose peer does not finish the TLS close is aborted
 _WILDCARDS = ("", "0.0.0.0", "::")
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 10.0
+
+
+def _check_port(port: object) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"invalid port {port!r}: use 0 to 65535 (0 picks a free port)")
+    return port
+
+
+def _check_timeout(seconds: float) -> float:
+    if isinstance(seconds, bool) or not (
+        isinstance(seconds, (int, float)) and 0 < seconds < math.inf
+    ):
+        raise ConfigError(f"invalid request timeout {seconds!r}: use a positive number of seconds")
+    return float(seconds)
 
 
 def prepare_data_dir(data_dir: Path | str) -> Path:
@@ -87,11 +117,142 @@ def _certificate_names(host: str, hostnames: Iterable[str]) -> list[str]:
     return names
 
 
-class _Uvicorn(uvicorn.Server):
-    """uvicorn's server with a callback once it is accepting connections."""
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[_Uvicorn], None]) -> None:
+
+def _banner(url: str, data_dir: Path, host: str, cert: Path) -> str:
+    """The line printed once serving; off loopback it says which names the certificate covers."""
+    line = f"ppml-kms server listening on {url} (data: {data_dir}, CA certificate: {cert})"
+    if not _is_loopback(host):
+        names = ", ".join(certificate_names(cert))
+        line += (
+            f"; the certificate covers {names}: clients must connect by one of these names "
+            "(add others with --hostname NAME)"
+        )
+    return line
+
+
+class _LingeringTransport:
+    """A transport whose ``close()`` becomes ``abort()`` if the peer is not gone ``linger`` s later.
+
+    Closing a TLS connection waits for the peer's close_notify (asyncio waits up to 30 s): a client
+    that never reads would keep its connection that long after its answer, and make a graceful
+    shutdown wait for it. Everything else is delegated to the wrapped transport.
+    """
+
+    def __init__(
+        self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, linger: float
+    ) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._linger = linger
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._gone = False
+
+    def close(self) -> None:
+        # Once only: asyncio's TLS transport forgets its protocol on a second close(), after which
+        # abort() fails (and uvicorn closes again, e.g. on shutdown).
+        if self._closed:
+            return
+        self._closed = True
+        self._transport.close()
+        if not self._gone:
+            self._timer = self._loop.call_later(self._linger, self._abort)
+
+    def abort(self) -> None:
+        self._closed = True
+        self._abort()
+
+    def _abort(self) -> None:
+        self._timer = None
+        if not self._gone:
+            self._transport.abort()
+
+    def gone(self) -> None:
+        """The connection is lost: nothing left to abort."""
+        self._gone = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _TimedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with bounded waits for clients that stall.
+
+    * A connection must send a complete request head within ``header_timeout`` seconds of
+      connecting or of its previous answer, else it is aborted: uvicorn itself only times out the
+      idle wait between requests, so a client that sends nothing after the TLS handshake, or
+      trickles its request line and headers, would keep its connection (and file descriptor)
+      forever. The body that follows the head is timed by the application.
+    * A closed connection whose peer does not finish the TLS close within a short linger is
+      aborted (see :class:`_LingeringTransport`).
+    """
+
+    header_timeout: float = REQUEST_TIMEOUT_SECONDS
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        lingering = _LingeringTransport(transport, self.loop, _CLOSE_LINGER_SECONDS)
+        super().connection_made(lingering)  # type: ignore[arg-type]
+        self._arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_head_timer()  # for the next request on this connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+        if isinstance(self.transport, _LingeringTransport):
+            self.transport.gone()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        # IDLE: no complete request head yet (a request in progress is SEND_BODY or DONE).
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.logger.debug(
+                "aborting a connection that sent no request in %gs", self.header_timeout
+            )
+            self.transport.abort()
+
+
+def _http_protocol(header_timeout: float) -> type[asyncio.Protocol]:
+    return type("TimedH11Protocol", (_TimedH11Protocol,), {"header_timeout": header_timeout})
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server with a callback once it is accepting connections.
+
+    On shutdown it first tells the application to stop waiting for request bodies, so stalled
+    clients get their answer at once instead of being cancelled (with a traceback each) when the
+    graceful shutdown times out.
+    """
+
+    def __init__(
+        self, config: uvicorn.Config, app: KmsApp, on_started: Callable[[_Uvicorn], None]
+    ) -> None:
         super().__init__(config)
+        self._app = app
         self._on_started = on_started
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -99,21 +260,44 @@ class _Uvicorn(uvicorn.Server):
         if self.started:
             self._on_started(self)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._app.stop_reading()
+        await super().shutdown(sockets=sockets)
+
 
 def _uvicorn_config(
-    store: KeyStore, cert: Path, key: Path, clock: Callable[[], float], *, own_logging: bool
+    app: KmsApp, cert: Path, key: Path, request_timeout: float, *, own_logging: bool
 ) -> uvicorn.Config:
     extra: dict[str, Any] = {} if own_logging else {"log_config": None}
     return uvicorn.Config(
-        create_app(store, clock=clock),
+        app,
         ssl_certfile=str(cert),
         ssl_keyfile=str(key),
+        http=_http_protocol(request_timeout),
+        ws="none",  # plain HTTP only: an Upgrade request is answered like any other
         log_level="warning",
         lifespan="off",
         server_header=False,
-        timeout_graceful_shutdown=5,
+        limit_concurrency=_CONCURRENCY_LIMIT,
+        timeout_keep_alive=_KEEP_ALIVE_SECONDS,
+        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_SECONDS,
         **extra,
     )
+
+
+def _start_uvicorn(
+    store: KeyStore,
+    cert: Path,
+    key: Path,
+    clock: Callable[[], float],
+    request_timeout: float,
+    on_started: Callable[[_Uvicorn], None],
+    *,
+    own_logging: bool,
+) -> _Uvicorn:
+    app = create_app(store, clock=clock, body_timeout=request_timeout)
+    config = _uvicorn_config(app, cert, key, request_timeout, own_logging=own_logging)
+    return _Uvicorn(config, app, on_started)
 
 
 @contextlib.contextmanager
@@ -148,31 +332,40 @@ def serve(
     ready: Callable[[str], None] | None = None,
     hostnames: Iterable[str] = (),
     clock: Callable[[], float] = time.time,
+    request_timeout: float = REQUEST_TIMEOUT_SECONDS,
 ) -> None:
     """Serve the KMS over HTTPS until SIGINT or SIGTERM, then close the store and return.
 
     Prints one line once the server accepts connections, then calls ``ready(url)`` if given.
+    When ``host`` is not a loopback address, the line also lists the names the certificate covers
+    (clients must connect by one of them) and hints at ``--hostname``.
 
     Args:
         data_dir: the data directory (created 0700 if missing).
         host: address to bind; it is added to the certificate's names unless it is a wildcard.
-        port: TCP port; 0 picks a free one (the printed URL shows it).
+        port: TCP port, 0 to 65535; 0 picks a free one (the printed URL shows it).
         ready: called with ``https://HOST:PORT/ehsm`` once serving, on the server's event loop:
             it must return quickly.
-        hostnames: extra DNS names or addresses for a newly generated certificate.
+        hostnames: extra DNS names or addresses the certificate must cover; an existing
+            certificate that lacks one is re-issued (see :func:`~ppml_kms.server.tls.ensure_tls`).
         clock: seconds since the epoch (tests only).
+        request_timeout: seconds a client may take to send a request head, then its body.
 
     Raises:
-        ConfigError: the address cannot be bound, or the TLS files are unusable.
-        KeyFileError: the domain key file is malformed.
-        KeyStoreError: the database cannot be opened.
+        ConfigError: the port is out of range, the address cannot be bound, or the TLS files are
+            unusable.
+        KeyFileError: the domain key file is malformed, or missing beside a database with keys.
+        KeyStoreError: the database cannot be opened, or the domain key does not match it.
     """
+    _check_port(port)
+    request_timeout = _check_timeout(request_timeout)
+    hostnames = tuple(hostnames)
     with _deferred_stop_signals() as received:
         path = prepare_data_dir(data_dir)
         cert, key = ensure_tls(path, _certificate_names(host, hostnames))
         sock = _bind(host, port)
         url = _url(host, sock.getsockname()[1])
-        banner = f"ppml-kms server listening on {url} (data: {path}, CA certificate: {cert})"
+        banner = _banner(url, path, host, cert)
 
         def started(server: _Uvicorn) -> None:
             if received:  # a stop signal arrived during startup
@@ -184,8 +377,9 @@ def serve(
 
         try:
             with open_sqlite_store(path) as store:
-                config = _uvicorn_config(store, cert, key, clock, own_logging=True)
-                server = _Uvicorn(config, started)
+                server = _start_uvicorn(
+                    store, cert, key, clock, request_timeout, started, own_logging=True
+                )
                 if not received:
                     server.run(sockets=[sock])
         finally:
@@ -206,6 +400,10 @@ class ServerThread:
         port: TCP port, 0 (default) for a free one; see :attr:`port` and :attr:`url`.
         hostnames: extra certificate names, as for :func:`serve`.
         clock: seconds since the epoch; tests inject one to move time.
+        request_timeout: as for :func:`serve`.
+
+    Raises:
+        ConfigError: ``port`` is out of range or ``request_timeout`` is not positive.
     """
 
     def __init__(
@@ -216,12 +414,14 @@ class ServerThread:
         *,
         hostnames: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
+        request_timeout: float = REQUEST_TIMEOUT_SECONDS,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
-        self._requested_port = port
+        self._requested_port = _check_port(port)
         self._hostnames = tuple(hostnames)
         self._clock = clock
+        self._request_timeout = _check_timeout(request_timeout)
         self._store: SQLiteKeyStore | None = None
         self._sock: socket.socket | None = None
         self._server: _Uvicorn | None = None
@@ -266,8 +466,15 @@ class ServerThread:
         self.port = self._sock.getsockname()[1]
         try:
             self._store = open_sqlite_store(self.data_dir)
-            config = _uvicorn_config(self._store, cert, key, self._clock, own_logging=False)
-            self._server = _Uvicorn(config, lambda _: self._started.set())
+            self._server = _start_uvicorn(
+                self._store,
+                cert,
+                key,
+                self._clock,
+                self._request_timeout,
+                lambda _: self._started.set(),
+                own_logging=False,
+            )
             self._thread = threading.Thread(
                 target=self._run,
                 args=(self._server, self._sock),

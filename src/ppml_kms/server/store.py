@@ -4,6 +4,7 @@
 
     DIR/domain.key      32 random bytes, mode 0600, created once, never overwritten
     DIR/kms.sqlite3     apps(appid, apikey_blob, ...)  cmks(keyid, creator, ..., key_blob)
+                        meta(name, value): the domain key's check value
 
 Every secret in the database is a blob ``0x01 || IV(12) || AES-256-GCM(secret) || tag(16)``
 under the domain key, whose AAD binds it to its row:
@@ -12,6 +13,13 @@ under the domain key, whose AAD binds it to its row:
 * a CMK's material is bound to its keyid, creator, keyspec and keyusage, so blobs cannot be moved
   between rows, nor a row's owner or usage edited, without the unwrap failing.
 
+The database also holds a *key-check value*: a fixed label wrapped under the domain key (never
+the key itself). It is written when the database is first initialised and verified on every open,
+so a server never starts with a domain key other than the one its secrets are wrapped under (a
+deleted or replaced ``domain.key`` would otherwise make every request fail, and new enrollments
+would mix two keys in one database). :func:`open_sqlite_store` never creates a domain key beside
+a database that already holds apps or keys.
+
 :class:`KeyStore` holds everything that does not depend on the database (wrapping, the rules
 above) and leaves row access to backends (:class:`SQLiteKeyStore`; a PostgreSQL store later).
 :meth:`KeyStore.release_key_material` is the only place where CMK material is unwrapped.
@@ -19,6 +27,7 @@ above) and leaves row access to backends (:class:`SQLiteKeyStore`; a PostgreSQL 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -50,6 +59,8 @@ __all__ = [
     "KeyStore",
     "KeyStoreError",
     "SQLiteKeyStore",
+    "key_check_matches",
+    "make_key_check",
     "load_or_create_domain_key",
     "open_sqlite_store",
 ]
@@ -65,6 +76,9 @@ MAX_LIST = 10000  # eHSM's ListKey limit
 _BLOB_VERSION = b"\x01"
 _IV_SIZE = 12
 _TAG_SIZE = 16
+_KEY_CHECK_LABEL = b"ppml-kms domain key check v1"
+_KEY_CHECK_AAD = b'["ppml-kms/key-check/v1"]'
+_KEY_CHECK_NAME = "domain_key_check"
 
 
 class KeyStoreError(Error):
@@ -112,16 +126,24 @@ class DomainKey:
 def load_or_create_domain_key(path: Path) -> DomainKey:
     """Load the domain key at ``path``, creating it (mode 0600, atomically) if it does not exist.
 
-    An existing file is never overwritten, even by a concurrent first start.
+    An existing file is never overwritten, even by a concurrent first start. This function knows
+    nothing about the database: the server opens its store with :func:`open_sqlite_store`, which
+    refuses to create a key beside a database that already holds secrets.
 
     Raises:
         KeyFileError: the file exists but does not hold exactly 32 bytes, or cannot be read.
     """
-    path = Path(path)
+    return _load_or_create_domain_key(Path(path))[0]
+
+
+def _load_or_create_domain_key(path: Path) -> tuple[DomainKey, bool]:
+    """The domain key at ``path`` and whether this call created it."""
+    created = False
     if not path.exists():
         try:
             atomic_write_bytes(path, secrets.token_bytes(DOMAIN_KEY_SIZE), mode=0o600)
             logger.info("created a new domain key at %s", path)
+            created = True
         except FileExistsError:
             pass  # another process created it first: use theirs
     try:
@@ -137,7 +159,20 @@ def load_or_create_domain_key(path: Path) -> DomainKey:
         )
     if stat.S_IMODE(mode) & 0o077:
         logger.warning("the domain key %s is readable by other users (mode %o)", path, mode & 0o777)
-    return DomainKey(data)
+    return DomainKey(data), created
+
+
+def make_key_check(domain_key: DomainKey) -> bytes:
+    """The key-check value of ``domain_key``: a fixed label wrapped under it (never the key)."""
+    return domain_key.wrap(_KEY_CHECK_LABEL, _KEY_CHECK_AAD)
+
+
+def key_check_matches(domain_key: DomainKey, check: bytes) -> bool:
+    """Whether ``check`` (from :func:`make_key_check`) was made with ``domain_key``."""
+    try:
+        return domain_key.unwrap(check, _KEY_CHECK_AAD) == _KEY_CHECK_LABEL
+    except KeyStoreError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -309,6 +344,10 @@ CREATE TABLE IF NOT EXISTS cmks (
     key_blob      BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS cmks_by_creator ON cmks (creator, creation_date);
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 """
 _KEY_COLUMNS = (
     "keyid, creator, keyspec, origin, keyusage, creation_date, expire_time, key_state, alias, "
@@ -337,9 +376,31 @@ class SQLiteKeyStore(KeyStore):
 
     One connection serves all threads, serialised by a lock: every operation is a single short
     statement. Several server processes may share the file (``busy_timeout`` 5 s).
+
+    Opening verifies ``domain_key`` against the database's key-check value (see the module
+    docstring): a new database gets one; a database from before key-check values gets one once at
+    least one stored secret unwraps under ``domain_key``.
+
+    Args:
+        path: the SQLite file (created 0600 if missing).
+        domain_key: the key every secret is wrapped under.
+        key_file: where ``domain_key`` came from, for error messages.
+        new_domain_key: ``domain_key`` was just created; a database that holds no apps or keys but
+            was initialised with another key is then re-initialised for it.
+
+    Raises:
+        KeyStoreError: the database cannot be opened, or it was initialised with another domain key
+            (or, for an older database, none of its secrets unwraps under ``domain_key``).
     """
 
-    def __init__(self, path: Path, domain_key: DomainKey) -> None:
+    def __init__(
+        self,
+        path: Path,
+        domain_key: DomainKey,
+        *,
+        key_file: Path | None = None,
+        new_domain_key: bool = False,
+    ) -> None:
         super().__init__(domain_key)
         self.path = Path(path)
         self._lock = threading.Lock()
@@ -363,6 +424,7 @@ class SQLiteKeyStore(KeyStore):
                 )
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            self._check_domain_key(conn, key_file, new_domain_key)
         except sqlite3.Error as exc:
             conn.close()
             raise KeyStoreError(f"cannot use the key database {self.path}: {exc}") from exc
@@ -370,6 +432,78 @@ class SQLiteKeyStore(KeyStore):
             conn.close()
             raise
         self._conn: sqlite3.Connection | None = conn
+
+    def _check_domain_key(
+        self, conn: sqlite3.Connection, key_file: Path | None, new_domain_key: bool
+    ) -> None:
+        """Verify the domain key against the key-check value, writing one if there is none."""
+        key_name = f"domain key {key_file}" if key_file is not None else "the domain key"
+        advice = "restore the original domain key or use a new data directory"
+        conn.execute("BEGIN IMMEDIATE")  # two first starts must not both write a check value
+        try:
+            row = conn.execute(
+                "SELECT value FROM meta WHERE name = ?", (_KEY_CHECK_NAME,)
+            ).fetchone()
+            stored = row[0] if row is not None and isinstance(row[0], bytes) else b""
+            if row is not None and key_check_matches(self._domain_key, stored):
+                conn.execute("COMMIT")
+                return
+            holds_secrets = _holds_secrets(conn)
+            if row is not None:
+                if holds_secrets or not new_domain_key:
+                    raise KeyStoreError(
+                        f"{key_name} does not match {self.path}, which was initialised with "
+                        f"another domain key; {advice}"
+                    )
+                logger.info(
+                    "the key database %s holds no apps or keys; it now uses the new domain key",
+                    self.path,
+                )
+            elif holds_secrets:
+                unwrapped, failed = self._count_unwrappable(conn)
+                if unwrapped == 0:
+                    raise KeyStoreError(
+                        f"{key_name} does not unwrap any secret stored in {self.path}; {advice}"
+                    )
+                if failed:
+                    logger.warning(
+                        "%d of the secrets in %s do not unwrap under the domain key "
+                        "(wrapped under another key, or modified rows)",
+                        failed,
+                        self.path,
+                    )
+                logger.info("added a domain key check value to the key database %s", self.path)
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                (_KEY_CHECK_NAME, make_key_check(self._domain_key)),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _count_unwrappable(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        """How many stored secrets unwrap under the domain key, and how many do not."""
+        unwrapped = failed = 0
+        apps = (
+            (bytes(blob), _app_aad(appid))
+            for appid, blob in conn.execute("SELECT appid, apikey_blob FROM apps")
+        )
+        cmks = (
+            (bytes(blob), _key_aad(keyid, creator, keyspec, keyusage))
+            for keyid, creator, keyspec, keyusage, blob in conn.execute(
+                "SELECT keyid, creator, keyspec, keyusage, key_blob FROM cmks"
+            )
+        )
+        for blob, aad in itertools.chain(apps, cmks):
+            try:
+                self._domain_key.unwrap(blob, aad)
+            except KeyStoreError:
+                failed += 1
+            else:
+                unwrapped += 1
+        return unwrapped, failed
 
     def _execute(self, sql: str, params: tuple[Any, ...]) -> tuple[list[tuple[Any, ...]], int]:
         """Run one statement; return its rows and its change count."""
@@ -451,13 +585,50 @@ class SQLiteKeyStore(KeyStore):
                 self._conn = None
 
 
+def _holds_secrets(conn: sqlite3.Connection) -> bool:
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM apps) OR EXISTS (SELECT 1 FROM cmks)"
+    ).fetchone()
+    return bool(row[0])
+
+
+def _database_holds_secrets(path: Path) -> bool:
+    """Whether the SQLite file at ``path`` exists and holds apps or keys (read only)."""
+    if not path.exists():
+        return False
+    try:
+        conn = sqlite3.connect(path, timeout=5.0)
+        try:
+            listed = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            tables = {name for (name,) in listed}
+            return any(
+                conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0]
+                for table in ("apps", "cmks")
+                if table in tables
+            )
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise KeyStoreError(f"cannot read the key database {path}: {exc}") from exc
+
+
 def open_sqlite_store(data_dir: Path) -> SQLiteKeyStore:
     """Open (creating on first use) the domain key and SQLite store in ``data_dir``.
 
+    A domain key is created only when the database holds no apps or keys; otherwise a missing
+    ``domain.key`` is an error, never a reason to start over with a new key.
+
     Raises:
-        KeyFileError: the domain key file is malformed.
-        KeyStoreError: the database cannot be opened.
+        KeyFileError: the domain key file is malformed, or missing beside a database that holds
+            apps or keys.
+        KeyStoreError: the database cannot be opened, or the domain key does not match it.
     """
     data_dir = Path(data_dir)
-    domain_key = load_or_create_domain_key(data_dir / DOMAIN_KEY_FILE)
-    return SQLiteKeyStore(data_dir / SQLITE_FILE, domain_key)
+    key_path, db_path = data_dir / DOMAIN_KEY_FILE, data_dir / SQLITE_FILE
+    if not key_path.exists() and _database_holds_secrets(db_path):
+        raise KeyFileError(
+            f"domain key {key_path} is missing but {db_path} holds keys; "
+            "restore the domain key or use a new data directory"
+        )
+    domain_key, created = _load_or_create_domain_key(key_path)
+    return SQLiteKeyStore(db_path, domain_key, key_file=key_path, new_domain_key=created)

@@ -1,9 +1,11 @@
 """The server's TLS identity: a self-signed certificate that clients pin as their trust anchor.
 
 On first start :func:`ensure_tls` writes ``DIR/tls/cert.pem`` and ``DIR/tls/key.pem`` (EC
-P-256, key mode 0600, directory 0700, both written atomically); later starts reuse them. Clients
-then verify the server against that file (``ssl.create_default_context(cafile=...)``) instead of
-turning verification off, as eHSM's clients had to.
+P-256, key mode 0600, directory 0700, both written atomically); later starts reuse them, unless the
+certificate has expired or lacks a name the server was asked to cover: then it is re-issued (new key
+pair) and clients must fetch the new ``cert.pem``. Clients verify the server against that file
+(``ssl.create_default_context(cafile=...)``) instead of turning verification off, as eHSM's clients
+had to.
 
 The certificate is its own CA and the server's leaf at once, and is built so that strict X.509
 verification (OpenSSL's ``X509_V_FLAG_X509_STRICT``, Python 3.13's default) accepts it:
@@ -29,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ppml_kms._files import atomic_write_bytes
 from ppml_kms.exceptions import ConfigError
 
-__all__ = ["CERT_FILE", "COMMON_NAME", "KEY_FILE", "TLS_DIR", "ensure_tls"]
+__all__ = ["CERT_FILE", "COMMON_NAME", "KEY_FILE", "TLS_DIR", "certificate_names", "ensure_tls"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,33 @@ def _wanted_names(hostnames: Iterable[str]) -> list[_GeneralName]:
         if general not in names:
             names.append(general)
     return names
+
+
+def _san(cert: x509.Certificate) -> list[_GeneralName]:
+    try:
+        extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return [n for n in extension.value if isinstance(n, (x509.DNSName, x509.IPAddress))]
+
+
+def certificate_names(cert_path: Path | str) -> list[str]:
+    """The DNS names and IP addresses the certificate at ``cert_path`` covers, in its order.
+
+    Raises:
+        ConfigError: the file cannot be read as a PEM certificate.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the TLS certificate {cert_path}: {exc}") from None
+    return [str(n.value) for n in _san(cert)]
+
+
+def _self_issued(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` looks like one :func:`ensure_tls` made (not one an operator installed)."""
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return cert.subject == cert.issuer and [a.value for a in names] == [COMMON_NAME]
 
 
 def _build_certificate(
@@ -100,7 +129,9 @@ def _build_certificate(
     )
 
 
-def _generate(cert_path: Path, key_path: Path, names: list[_GeneralName]) -> None:
+def _generate(
+    cert_path: Path, key_path: Path, names: list[_GeneralName], *, reason: str | None = None
+) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _build_certificate(key, names)
     key_pem = key.private_bytes(
@@ -113,7 +144,14 @@ def _generate(cert_path: Path, key_path: Path, names: list[_GeneralName]) -> Non
     atomic_write_bytes(
         cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, overwrite=True
     )
-    logger.info("created a self-signed TLS certificate at %s", cert_path)
+    if reason is None:
+        logger.info("created a self-signed TLS certificate at %s", cert_path)
+    else:
+        logger.info(
+            "re-issued the self-signed TLS certificate %s %s; clients must trust the new one",
+            cert_path,
+            reason,
+        )
 
 
 def _load(cert_path: Path, key_path: Path) -> x509.Certificate:
@@ -139,10 +177,12 @@ def _load(cert_path: Path, key_path: Path) -> x509.Certificate:
 def ensure_tls(data_dir: Path | str, hostnames: Iterable[str] = ()) -> tuple[Path, Path]:
     """Return ``(cert_path, key_path)`` under ``data_dir/tls``, generating them on first use.
 
-    ``hostnames`` (DNS names or IP addresses) are added to the certificate's SubjectAltName beside
-    ``localhost``, ``127.0.0.1`` and ``::1`` when it is generated. An existing certificate is reused
-    as long as it matches its key and has not expired (clients pinned it); if it lacks a requested
-    name a warning says so.
+    ``hostnames`` (DNS names or IP addresses) are covered by the certificate's SubjectAltName
+    beside ``localhost``, ``127.0.0.1`` and ``::1``. An existing certificate is reused as long as
+    it matches its key, has not expired and covers every requested name (clients pinned it). If it
+    lacks a requested name it is re-issued, with a new key pair, for its old names plus the missing
+    ones, and one INFO line says so. A certificate that ppml-kms did not generate (not self-issued
+    with CN ``ppml-kms``) is never replaced: a warning names what it lacks.
 
     Raises:
         ConfigError: the existing certificate or key cannot be read, or they do not match.
@@ -158,15 +198,20 @@ def ensure_tls(data_dir: Path | str, hostnames: Iterable[str] = ()) -> tuple[Pat
         if cert.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
             logger.warning("the TLS certificate %s has expired; generating a new one", cert_path)
         else:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            missing = [str(n.value) for n in names if n not in san]
-            if missing:
+            covered = _san(cert)
+            missing = [n for n in names if n not in covered]
+            if not missing:
+                return cert_path, key_path
+            shown = ", ".join(str(n.value) for n in missing)
+            if not _self_issued(cert):
                 logger.warning(
-                    "the TLS certificate %s does not cover %s; delete %s to regenerate it",
+                    "the TLS certificate %s does not cover %s; it was not generated by ppml-kms, "
+                    "so it is kept: replace it with one that does",
                     cert_path,
-                    ", ".join(missing),
-                    tls_dir,
+                    shown,
                 )
+                return cert_path, key_path
+            _generate(cert_path, key_path, [*covered, *missing], reason=f"to add {shown}")
             return cert_path, key_path
 
     _generate(cert_path, key_path, names)

@@ -1,6 +1,6 @@
 """eHSM's payload checker (``svc/payload_checker.js``), with its exact messages and limits.
 
-The rules follow ``ehsm-api.md`` §4. They are reproduced with JavaScript semantics where a
+The rules follow ``docs/ehsm-compat.md`` §4. They are reproduced with JavaScript semantics where a
 client could notice the difference:
 
 * a field counts as absent when it is missing, ``null`` or ``""``; a required field that is absent
