@@ -89,6 +89,8 @@ def run_demo(
     from .server.run import ServerThread
 
     input_dir = Path(input_dir or default_input_dir())
+    if not input_dir.is_dir():
+        raise ConfigError(f"input directory {input_dir} does not exist")
     csv_files = sorted(p for p in input_dir.glob("*.csv") if p.is_file())
     if not csv_files:
         raise ConfigError(f"no CSV files in {input_dir}")

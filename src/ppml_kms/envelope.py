@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from . import format as fmt
 from ._files import atomic_write_bytes, publish, temporary_output
-from .exceptions import InvalidCiphertext, KeyFileError, OutputExistsError
+from .exceptions import ConfigError, InvalidCiphertext, KeyFileError, OutputExistsError
 from .kms.base import KeyManagementService
 
 __all__ = [
@@ -80,6 +80,9 @@ def write_data_key_file(path: Path, wrapped: bytes, *, force: bool = False) -> N
 
 
 def _write_key_file(path: Path, data: bytes, force: bool) -> None:
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise KeyFileError(f"{path} exists and is not a regular file; refusing to replace it")
     try:
         atomic_write_bytes(Path(path), data, mode=0o600, overwrite=force)
     except FileExistsError:
@@ -89,6 +92,8 @@ def _write_key_file(path: Path, data: bytes, force: bool) -> None:
 
 
 def _read_key_file(path: Path, what: str) -> str:
+    if Path(path).exists() and not Path(path).is_file():
+        raise KeyFileError(f"{what} file {path} is not a regular file")
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
@@ -195,7 +200,10 @@ class FileEncryptor:
         self._data_key = bytes(data_key)
         self._context = dict(context or {})
         self._segment_size = segment_size
-        self._new_header()  # validate everything once, up front
+        try:
+            self._new_header()  # validate everything once, up front
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"cannot encrypt with these settings: {exc}") from None
 
     @classmethod
     def from_kms(
@@ -261,9 +269,7 @@ class FileEncryptor:
             OSError: reading or writing failed.
         """
         src, dst = Path(src), Path(dst)
-        _check_distinct(src, dst)
-        if not overwrite and dst.exists():
-            raise OutputExistsError(f"{dst} already exists (use --force to replace it)")
+        _check_target(src, dst, overwrite)
         with open(src, "rb") as raw, temporary_output(dst, mode=0o644) as (fout, tmp):
             fin = _counted(raw, progress)
             size = self.encrypt_stream(fin, fout)
@@ -271,6 +277,15 @@ class FileEncryptor:
             fout.close()
             _publish(tmp, dst, overwrite)
         return size
+
+
+def _check_target(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse to write over the input, over something that is not a regular file, or without leave."""
+    _check_distinct(src, dst)
+    if dst.is_symlink() or (dst.exists() and not dst.is_file()):
+        raise OutputExistsError(f"output {dst} exists and is not a regular file; refusing to replace it")
+    if not overwrite and dst.exists():
+        raise OutputExistsError(f"{dst} already exists (use --force to replace it)")
 
 
 def _check_distinct(src: Path, dst: Path) -> None:
@@ -400,9 +415,7 @@ def decrypt_file(
         FormatError, InvalidCiphertext, KmsError: see :func:`unwrap_header_key`.
     """
     src, dst = Path(src), Path(dst)
-    _check_distinct(src, dst)
-    if not overwrite and dst.exists():
-        raise OutputExistsError(f"{dst} already exists (use --force to replace it)")
+    _check_target(src, dst, overwrite)
     with open(src, "rb") as raw:
         fin = _counted(raw, progress)
         header = fmt.read_header(fin)
@@ -432,9 +445,7 @@ def _from_legacy(
     from .legacy import iter_fernet_plaintext
 
     src, dst = Path(src), Path(dst)
-    _check_distinct(src, dst)
-    if not overwrite and dst.exists():
-        raise OutputExistsError(f"{dst} already exists (use --force to replace it)")
+    _check_target(src, dst, overwrite)
     size = 0
     with open(src, "rb") as raw, temporary_output(dst, mode=mode) as (fout, tmp):
         writer = sink(fout)

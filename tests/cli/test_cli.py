@@ -207,8 +207,8 @@ def test_batch_stops_on_a_bad_file_and_leaves_no_partial_output(tmp_path, keys, 
         assert not (tmp_path / "dec").exists()  # all or nothing: the run's outputs and directory are gone
     (tmp_path / "dec").mkdir()
     (tmp_path / "dec" / "f0").write_bytes(b"old output")
-    result = cli("decrypt", tmp_path / "enc", "--out", tmp_path / "dec", "--force")
-    assert result.code == 1 and "removed the" in result.err
+    result = cli("decrypt", tmp_path / "enc", "--out", tmp_path / "dec", "--force", "-j", "1")
+    assert result.code == 1 and "removed the 1 outputs" in result.err  # f1; f0 existed; f3 never started
     assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["f0"]  # pre-existing output left alone
 
 
@@ -331,3 +331,37 @@ def test_sigterm_cancels_and_removes_partial_output(tmp_path, app) -> None:
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert not out.exists()  # no partial file, no temporary file, no directory made for them
+
+
+def test_force_never_replaces_what_is_not_a_regular_file(tmp_path, keys, cli) -> None:
+    primary, data = keys
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "target")
+    (tmp_path / "p").write_text("x")
+    for out in (fifo, link):
+        result = cli("encrypt", tmp_path / "p", "--out", out, "--primary-key", primary, "--data-key", data, "--force")
+        assert result.code == 1 and "not a regular file" in result.err
+        result = cli("generate-primary-key", "--out", out, "--force")
+        assert result.code == 1
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink()
+
+
+def test_key_file_that_is_a_fifo_is_refused(tmp_path, keys, cli) -> None:
+    primary, _ = keys
+    fifo = tmp_path / "dk"
+    os.mkfifo(fifo)
+    (tmp_path / "p").write_text("x")
+    result = cli("encrypt", tmp_path / "p", "--primary-key", primary, "--data-key", fifo)
+    assert result.code == 1 and "not a regular file" in result.err
+
+
+def test_context_too_large_in_total_is_a_usage_error(tmp_path, keys, cli) -> None:
+    primary, data = keys
+    (tmp_path / "p").write_text("x")
+    pairs = []
+    for i in range(40):
+        pairs += ["--context", f"{i:04d}{'k' * 1000}={'v' * 1000}"]
+    result = cli("encrypt", tmp_path / "p", "--primary-key", primary, "--data-key", data, *pairs)
+    assert result.code == 2 and "in all" in result.err

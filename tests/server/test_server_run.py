@@ -235,3 +235,33 @@ def test_serve_on_all_interfaces_prints_the_names(tmp_path: Path) -> None:
         r"\(add others with --hostname NAME\)\n",
         line,
     ), line
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused_and_changes_nothing(tmp_path) -> None:
+    from ppml_kms.exceptions import ConfigError
+    from ppml_kms.server.run import ServerThread
+
+    with ServerThread(tmp_path / "kms") as first:
+        cert_before = first.ca_cert.read_bytes()
+        second = ServerThread(tmp_path / "kms", hostnames=["kms.example"])
+        with pytest.raises(ConfigError, match="already using"):
+            second.start()
+        assert first.ca_cert.read_bytes() == cert_before
+
+
+def test_a_failed_bind_leaves_the_certificate_alone(tmp_path) -> None:
+    import socket
+
+    from ppml_kms.exceptions import ConfigError
+    from ppml_kms.server.run import ServerThread
+
+    with ServerThread(tmp_path / "kms") as server:
+        cert = server.ca_cert
+    before = cert.read_bytes()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        with pytest.raises(ConfigError):
+            ServerThread(tmp_path / "kms", port=taken, hostnames=["other.example"]).start()
+    assert cert.read_bytes() == before

@@ -112,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"ppml-kms: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("ppml-kms: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        note = exc.args[0] if exc.args and isinstance(exc.args[0], str) else ""
+        print(f"ppml-kms: interrupted{note}", file=sys.stderr)
         return 130
 
 

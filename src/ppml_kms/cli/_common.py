@@ -14,8 +14,19 @@ from ..kms.config import KmsConfig
 from ..kms.ehsm import EhsmClient
 
 
+#: What the CLI allows the encryption context to take of the 64 KiB header, leaving room for
+#: the largest key id, wrapped data key and AAD the format accepts.
+MAX_CONTEXT_BYTES = 32 << 10
+
+
 class UsageError(ConfigError):
     """A command-line value is invalid (exit code 2, like argparse's own usage errors)."""
+
+
+def printable(path: object) -> str:
+    """A file name safe to print on one terminal line (control characters escaped)."""
+    text = str(path)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def kms_config(args: argparse.Namespace) -> KmsConfig:
@@ -53,6 +64,9 @@ def parse_context(pairs: list[str] | None) -> dict[str, str]:
         context[key] = value
     if len(context) > fc.MAX_CONTEXT_PAIRS:
         raise UsageError(f"at most {fc.MAX_CONTEXT_PAIRS} --context pairs")
+    total = sum(4 + len(k.encode()) + len(v.encode()) for k, v in context.items())
+    if total > MAX_CONTEXT_BYTES:
+        raise UsageError(f"--context pairs are limited to {MAX_CONTEXT_BYTES} bytes in all (got {total})")
     return context
 
 
@@ -82,11 +96,16 @@ def check_key_output(path: Path, force: bool) -> None:
         raise KeyFileError(f"{path} is a symbolic link; give the real path of the key file")
     if path.is_dir():
         raise KeyFileError(f"{path} is a directory; give a file name for the key file")
+    if path.exists() and not path.is_file():
+        raise KeyFileError(f"{path} exists and is not a regular file; refusing to replace it")
     if path.exists() and not force:
         raise KeyFileError(f"{path} already exists; refusing to overwrite a key file (use --force)")
-    parent = path.parent
+    parent = path.absolute().parent
+    while not parent.exists():  # the write creates missing directories; probe the first one that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise KeyFileError(f"cannot write a key file under {parent}: not a directory")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".ppml-kms-", suffix=".probe", dir=parent)
         os.close(fd)
         os.unlink(probe)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .. import format as fmt
 from ..exceptions import ConfigError, Error, FormatError, KeyFileError, KmsRequestError, OutputExistsError
 from ..format import constants as fc
 from ..legacy import is_fernet_file
-from ._common import UsageError, int_range, kms_client, parse_context
+from ._common import UsageError, int_range, kms_client, parse_context, printable
 from ._progress import Progress
 
 SUFFIX = ".encrypted"
@@ -193,13 +194,28 @@ def _check_outputs(jobs: list[Job], force: bool) -> None:
     for src, dst in jobs:
         if dst.exists() and os.path.samefile(src, dst):
             raise OutputExistsError(f"output {dst} is the input file; refusing to overwrite the input")
-        if dst.is_dir():
-            raise OutputExistsError(f"output {dst} is a directory")
+        if dst.is_symlink() or (dst.exists() and not dst.is_file()):
+            raise OutputExistsError(f"output {dst} exists and is not a regular file; refusing to replace it")
         if dst.exists() and not force:
             raise OutputExistsError(f"{dst} already exists (use --force to replace it)")
         if dst in seen:
             raise ConfigError(f"two inputs would both be written to {dst}")
         seen.add(dst)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM/SIGHUP for the duration (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 class _Cancelled(Exception):
@@ -261,37 +277,39 @@ class _Batch:
             try:
                 return job, work(src, dst, tick)
             except Error as exc:
-                raise FileFailed(f"{src}: {exc.diagnostics()}") from exc
+                self.cancel.set()  # queued jobs must not start, whatever the main thread is doing
+                raise FileFailed(f"{printable(src)}: {exc.diagnostics()}") from exc
             except OSError as exc:
-                raise FileFailed(f"{src}: {exc.strerror or exc}") from exc
+                self.cancel.set()
+                raise FileFailed(f"{printable(src)}: {exc.strerror or exc}") from exc
 
+        pool = ThreadPoolExecutor(max_workers=min(self.args.jobs, len(self.jobs)))
         try:
-            with progress, ThreadPoolExecutor(max_workers=min(self.args.jobs, len(self.jobs))) as pool:
+            with progress:
                 pending = {pool.submit(one, job) for job in self.jobs}
-                try:
-                    while pending:
-                        finished, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-                        for future in finished:
-                            error = future.exception()
-                            if error is not None:
-                                raise error
-                            (src, dst), size = future.result()
-                            total_out += size
-                            progress.println(f"{self.verb} {src} -> {dst} ({size} bytes)")
-                finally:
-                    if pending:
-                        self.cancel.set()
-                        for future in pending:
-                            future.cancel()
+                while pending:
+                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+                    for future in finished:
+                        error = future.exception()
+                        if isinstance(error, _Cancelled):
+                            continue  # stopped because another job failed: that job reports why
+                        if error is not None:
+                            raise error
+                        (src, dst), size = future.result()
+                        total_out += size
+                        progress.println(f"{self.verb} {printable(src)} -> {printable(dst)} ({size} bytes)")
         except BaseException as exc:
             self.cancel.set()
-            removed = self._undo()
+            with _signals_held():  # a second Ctrl-C or SIGTERM must not cut the clean-up short
+                pool.shutdown(wait=True, cancel_futures=True)
+                removed = self._undo()
             note = f" (removed the {removed} outputs this run had written)" if removed else ""
             if isinstance(exc, Error):
                 raise FileFailed(f"{exc.diagnostics()}{note}") from exc
-            if isinstance(exc, KeyboardInterrupt) and note:
-                print(f"ppml-kms: cancelled{note}", file=sys.stderr)
+            if isinstance(exc, KeyboardInterrupt):
+                raise KeyboardInterrupt(note) from None
             raise
+        pool.shutdown(wait=True)
         if len(self.jobs) > 1:
             print(f"{self.verb} {len(self.jobs)} files, {total_out} bytes of plaintext")
 

@@ -173,6 +173,8 @@ class EhsmClient(KeyManagementService):
                 raise KmsAuthError(action, code, "unknown appid (check PPML_KMS_APPID and the server)")
             if any(m in message.lower() for m in _AUTH_MESSAGES):
                 raise KmsAuthError(action, code, message)
+            if message == "appid error":
+                message += " (the key belongs to another application)"
             raise KmsRequestError(action, code, message)
         result = reply.get("result")
         return result if result is not None else {}

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import logging
 import math
+import os
 import signal
 import socket
 import ssl
@@ -71,6 +73,24 @@ def _check_timeout(seconds: float) -> float:
     ):
         raise ConfigError(f"invalid request timeout {seconds!r}: use a positive number of seconds")
     return float(seconds)
+
+
+def lock_data_dir(path: Path) -> int:
+    """Take the data directory's exclusive lock (``DIR/server.lock``); returns the fd to keep open.
+
+    One server process per data directory: SQLite and the in-memory replay cache are per
+    process. A second server, or a failed start, must not touch a live server's files.
+
+    Raises:
+        ConfigError: another ppml-kms server holds the lock.
+    """
+    fd = os.open(path / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"another ppml-kms server is already using {path}") from None
+    return fd
 
 
 def prepare_data_dir(data_dir: Path | str) -> Path:
@@ -362,8 +382,18 @@ def serve(
     hostnames = tuple(hostnames)
     with _deferred_stop_signals() as received:
         path = prepare_data_dir(data_dir)
-        cert, key = ensure_tls(path, _certificate_names(host, hostnames))
-        sock = _bind(host, port)
+        lock = lock_data_dir(path)
+        try:
+            sock = _bind(host, port)  # before the certificate: a failed start changes no file
+        except BaseException:
+            os.close(lock)
+            raise
+        try:
+            cert, key = ensure_tls(path, _certificate_names(host, hostnames))
+        except BaseException:
+            sock.close()
+            os.close(lock)
+            raise
         url = _url(host, sock.getsockname()[1])
         banner = _banner(url, path, host, cert)
 
@@ -384,6 +414,7 @@ def serve(
                     server.run(sockets=[sock])
         finally:
             sock.close()
+            os.close(lock)
 
 
 class ServerThread:
@@ -424,6 +455,7 @@ class ServerThread:
         self._request_timeout = _check_timeout(request_timeout)
         self._store: SQLiteKeyStore | None = None
         self._sock: socket.socket | None = None
+        self._lock: int | None = None
         self._server: _Uvicorn | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -460,11 +492,12 @@ class ServerThread:
         if self._thread is not None:
             raise RuntimeError("the server was already started")
         self.data_dir = prepare_data_dir(self.data_dir)
-        cert, key = ensure_tls(self.data_dir, _certificate_names(self.host, self._hostnames))
-        self.ca_cert = cert
-        self._sock = _bind(self.host, self._requested_port)
-        self.port = self._sock.getsockname()[1]
+        self._lock = lock_data_dir(self.data_dir)
         try:
+            self._sock = _bind(self.host, self._requested_port)
+            self.port = self._sock.getsockname()[1]
+            cert, key = ensure_tls(self.data_dir, _certificate_names(self.host, self._hostnames))
+            self.ca_cert = cert
             self._store = open_sqlite_store(self.data_dir)
             self._server = _start_uvicorn(
                 self._store,
@@ -516,6 +549,9 @@ class ServerThread:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def __enter__(self) -> ServerThread:
         return self.start()
