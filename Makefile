@@ -28,5 +28,8 @@ demo: setup
 test: setup-test
 	$(PY) -m pytest
 
+bench: setup
+	$(PY) bench/format_bench.py
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
