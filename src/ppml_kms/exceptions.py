@@ -4,7 +4,7 @@
 
     Error                       root; ``diagnostics()`` gives a one-line, user-facing reason
     ├── InvalidCiphertext       integrity failure: wrong key, tampered/truncated data (no detail)
-    ├── FormatError             not a ppml-kms file, or an unsupported version/suite
+    │   └── FormatError         not a ppml-kms file, or an unsupported version/suite
     ├── KeyFileError            missing/malformed/existing key file
     ├── OutputExistsError       refusing to overwrite an existing output
     ├── ConfigError             missing endpoint/credentials/CA, bad option values
@@ -51,8 +51,12 @@ class InvalidCiphertext(Error):
         )
 
 
-class FormatError(Error):
-    """The input is not a ppml-kms encrypted file this version can read."""
+class FormatError(InvalidCiphertext):
+    """The input is not a ppml-kms encrypted file this version can read.
+
+    A subclass of :class:`InvalidCiphertext`: a flipped bit in the magic or version is still
+    caught by ``except InvalidCiphertext``, so every modification of a file fails one way.
+    """
 
 
 class KeyFileError(Error):
