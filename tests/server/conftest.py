@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -118,3 +120,15 @@ def clocked_server(tmp_path: Path) -> Iterator[tuple[ServerThread, FakeClock]]:
     clock = FakeClock()
     with ServerThread(tmp_path / "kms", clock=clock) as running:
         yield running, clock
+
+
+def spawn_server(data_dir: Path, **kwargs: Any) -> subprocess.Popen[str]:
+    """``serve(data_dir, port=0, **kwargs)`` in a child process (for signal and exit tests)."""
+    extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    code = f"import sys; from ppml_kms.server.run import serve; serve(sys.argv[1], port=0{extra})"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

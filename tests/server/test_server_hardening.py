@@ -21,12 +21,13 @@ from typing import Any
 import httpx
 import pytest
 
+
 from ppml_kms.exceptions import ConfigError
 from ppml_kms.server.app import MAX_JSON_DEPTH, KmsApp, _plain_json, create_app
 from ppml_kms.server.run import ServerThread
 from ppml_kms.server.store import open_sqlite_store
 
-from .conftest import Caller
+from .conftest import spawn_server, Caller
 
 NOT_FOUND = {"code": 404, "message": "API Not Found", "result": {}}
 INVALID_JSON = {"code": 400, "message": "Invalid JSON", "result": {}}
@@ -335,13 +336,7 @@ _LINE = re.compile(r"ppml-kms server listening on https://127\.0\.0\.1:(\d+)/ehs
 
 def test_sigterm_with_stalled_clients_is_quiet(tmp_path: Path) -> None:
     data = tmp_path / "kms"
-    code = "import sys; from ppml_kms.server.run import serve; serve(sys.argv[1], port=0)"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(data)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_server(data)
     socks: list[ssl.SSLSocket] = []
     try:
         assert proc.stdout is not None

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+
 from ppml_kms import signing
 from ppml_kms.exceptions import ConfigError
 from ppml_kms.server.app import create_app
@@ -25,7 +26,7 @@ from ppml_kms.server.run import ServerThread, _banner, _certificate_names, prepa
 from ppml_kms.server.store import KeyRecord, SQLiteKeyStore, open_sqlite_store
 from ppml_kms.server.tls import certificate_names, ensure_tls
 
-from .conftest import enroll
+from .conftest import spawn_server, enroll
 
 _LINE = re.compile(
     r"ppml-kms server listening on (https://127\.0\.0\.1:\d+/ehsm) "
@@ -43,13 +44,7 @@ def _read_line(proc: subprocess.Popen[str], timeout: float = 30) -> str:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_stops_cleanly_on_signal(tmp_path: Path, signum: int) -> None:
     data = tmp_path / "kms"
-    code = "import sys; from ppml_kms.server.run import serve; serve(sys.argv[1], port=0)"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(data)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_server(data)
     try:
         line = _read_line(proc)
         match = _LINE.fullmatch(line.strip())
@@ -209,16 +204,7 @@ def test_banner_off_loopback_lists_the_names(tmp_path: Path, host: str) -> None:
 
 def test_serve_on_all_interfaces_prints_the_names(tmp_path: Path) -> None:
     data = tmp_path / "kms"
-    code = (
-        "import sys; from ppml_kms.server.run import serve; "
-        "serve(sys.argv[1], host='0.0.0.0', port=0, hostnames=['kms.example.org'])"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(data)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_server(data, host="0.0.0.0", hostnames=["kms.example.org"])
     try:
         line = _read_line(proc)
         proc.send_signal(signal.SIGTERM)

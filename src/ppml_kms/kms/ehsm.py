@@ -100,7 +100,7 @@ class EhsmClient(KeyManagementService):
         self._apikey = apikey
         if http_client is None:
             verify: ssl.SSLContext | bool
-            if insecure:
+            if insecure:  # only when the user asked, with a warning printed by the CLI
                 verify = False
             else:
                 try:
