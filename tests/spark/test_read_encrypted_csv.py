@@ -134,3 +134,37 @@ def test_ppml_kms_demo_command(tmp_path) -> None:
     assert "|         6.6|        3.0|         4.4|        1.4|Iris-versicolor|" in done.stdout
     assert "50 rows match" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_one_kms_call_per_data_key_per_executor(spark, tmp_path, app) -> None:
+    """Many tasks over files sharing one data key cost a KMS Decrypt per Python worker, not per task."""
+    import logging
+
+    with app.client() as client:
+        keyid = client.create_primary_key()
+        wrapped = client.generate_wrapped_data_key(keyid, 32, envelope.DATA_KEY_AAD)
+        enc = envelope.FileEncryptor.from_kms(client, keyid, wrapped, segment_size=1024)
+    (tmp_path / "enc").mkdir()
+    for name in ("iris_1.csv", "iris_2.csv"):
+        enc.encrypt_file(IRIS / name, tmp_path / "enc" / f"{name}.encrypted")
+
+    calls: list[str] = []
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "Action='Decrypt'" in record.getMessage():
+                calls.append(record.getMessage())
+
+    logger = logging.getLogger("ppml_kms.server.app")
+    handler, level = Count(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        df = read_encrypted_csv(spark, tmp_path / "enc", iris_schema(), kms=app.config(), split_size=1024)
+        tasks = df.rdd.getNumPartitions()
+        assert df.count() == 150
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert tasks >= 6
+    assert 1 <= len(calls) <= 2 < tasks  # local[2]: at most one unwrap in each of two Python workers
