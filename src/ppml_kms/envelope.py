@@ -27,6 +27,7 @@ __all__ = [
     "DATA_KEY_AAD",
     "DataKeyCache",
     "FileEncryptor",
+    "check_output",
     "decrypt_file",
     "decrypt_legacy_file",
     "decrypt_stream_to",
@@ -269,7 +270,7 @@ class FileEncryptor:
             OSError: reading or writing failed.
         """
         src, dst = Path(src), Path(dst)
-        _check_target(src, dst, overwrite)
+        check_output(src, dst, overwrite=overwrite)
         with open(src, "rb") as raw, temporary_output(dst, mode=0o644) as (fout, tmp):
             fin = _counted(raw, progress)
             size = self.encrypt_stream(fin, fout)
@@ -279,8 +280,12 @@ class FileEncryptor:
         return size
 
 
-def _check_target(src: Path, dst: Path, overwrite: bool) -> None:
-    """Refuse to write over the input, over something that is not a regular file, or without leave."""
+def check_output(src: Path, dst: Path, *, overwrite: bool) -> None:
+    """Refuse to write over the input, over something that is not a regular file, or without leave.
+
+    Raises:
+        OutputExistsError: ``dst`` is ``src``, is not a regular file, or exists without ``overwrite``.
+    """
     _check_distinct(src, dst)
     if dst.is_symlink() or (dst.exists() and not dst.is_file()):
         raise OutputExistsError(f"output {dst} exists and is not a regular file; refusing to replace it")
@@ -415,7 +420,7 @@ def decrypt_file(
         FormatError, InvalidCiphertext, KmsError: see :func:`unwrap_header_key`.
     """
     src, dst = Path(src), Path(dst)
-    _check_target(src, dst, overwrite)
+    check_output(src, dst, overwrite=overwrite)
     with open(src, "rb") as raw:
         fin = _counted(raw, progress)
         header = fmt.read_header(fin)
@@ -445,7 +450,7 @@ def _from_legacy(
     from .legacy import iter_fernet_plaintext
 
     src, dst = Path(src), Path(dst)
-    _check_target(src, dst, overwrite)
+    check_output(src, dst, overwrite=overwrite)
     size = 0
     with open(src, "rb") as raw, temporary_output(dst, mode=mode) as (fout, tmp):
         writer = sink(fout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -132,3 +133,15 @@ def spawn_server(data_dir: Path, **kwargs: Any) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def stop_server(proc: subprocess.Popen[str], signum: int = signal.SIGTERM) -> str:
+    """Send ``signum`` to a spawned server, wait for it (killing it if it hangs); return its stderr."""
+    try:
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return stderr

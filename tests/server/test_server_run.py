@@ -26,7 +26,7 @@ from ppml_kms.server.run import ServerThread, _banner, _certificate_names, prepa
 from ppml_kms.server.store import KeyRecord, SQLiteKeyStore, open_sqlite_store
 from ppml_kms.server.tls import certificate_names, ensure_tls
 
-from .conftest import spawn_server, enroll
+from .conftest import enroll, spawn_server, stop_server
 
 _LINE = re.compile(
     r"ppml-kms server listening on (https://127\.0\.0\.1:\d+/ehsm) "
@@ -55,12 +55,8 @@ def test_serve_stops_cleanly_on_signal(tmp_path: Path, signum: int) -> None:
             caller = enroll(http, url)
             caller.create_key()  # something in the write-ahead log
         assert (data / "kms.sqlite3-wal").exists()
-        proc.send_signal(signum)
-        _, stderr = proc.communicate(timeout=20)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stderr = stop_server(proc, signum)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     # SQLite removes the WAL when the last connection closes: the store was closed.
@@ -207,12 +203,8 @@ def test_serve_on_all_interfaces_prints_the_names(tmp_path: Path) -> None:
     proc = spawn_server(data, host="0.0.0.0", hostnames=["kms.example.org"])
     try:
         line = _read_line(proc)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=20)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stderr = stop_server(proc)
     assert proc.returncode == 0, stderr
     assert re.fullmatch(
         r"ppml-kms server listening on https://0\.0\.0\.0:\d+/ehsm \(data: .+, CA certificate: "

@@ -305,27 +305,27 @@ def test_server_refuses_a_missing_domain_key(tmp_path: Path) -> None:
     assert not (data / "domain.key").exists()
 
 
-def test_cli_reports_a_replaced_domain_key_in_one_line(tmp_path: Path) -> None:
-    data = tmp_path / "kms"
-    _populated(data)
-    (data / "domain.key").write_bytes(os.urandom(32))
-    result = subprocess.run(
+def _server_cli(data: Path) -> subprocess.CompletedProcess[str]:
+    """``ppml-kms server --data-dir DATA`` as a real process (expected to refuse to start)."""
+    return subprocess.run(
         [sys.executable, "-m", "ppml_kms.cli", "server", "--data-dir", str(data), "--port", "0"],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_cli_reports_a_replaced_domain_key_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "kms"
+    _populated(data)
+    (data / "domain.key").write_bytes(os.urandom(32))
+    result = _server_cli(data)
     assert result.returncode == 1, result.stderr
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"ppml-kms: error: domain key {data / 'domain.key'} does not")
     (data / "domain.key").unlink()
-    result = subprocess.run(
-        [sys.executable, "-m", "ppml_kms.cli", "server", "--data-dir", str(data), "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _server_cli(data)
     assert result.returncode == 1, result.stderr
     assert result.stderr == (
         f"ppml-kms: error: domain key {data / 'domain.key'} is missing but "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import envelope
 from .. import format as fmt
-from ..exceptions import ConfigError, Error, FormatError, KeyFileError, KmsRequestError, OutputExistsError
+from ..exceptions import ConfigError, Error, FormatError, KeyFileError, KmsRequestError
 from ..format import constants as fc
 from ..legacy import is_fernet_file
 from ._common import UsageError, int_range, kms_client, parse_context, printable
@@ -192,12 +192,7 @@ def _check_outputs(jobs: list[Job], force: bool) -> None:
     """Refuse before any work starts, so a batch never stops half-way on an existing output."""
     seen: set[Path] = set()
     for src, dst in jobs:
-        if dst.exists() and os.path.samefile(src, dst):
-            raise OutputExistsError(f"output {dst} is the input file; refusing to overwrite the input")
-        if dst.is_symlink() or (dst.exists() and not dst.is_file()):
-            raise OutputExistsError(f"output {dst} exists and is not a regular file; refusing to replace it")
-        if dst.exists() and not force:
-            raise OutputExistsError(f"{dst} already exists (use --force to replace it)")
+        envelope.check_output(src, dst, overwrite=force)  # the same rule each job applies again
         if dst in seen:
             raise ConfigError(f"two inputs would both be written to {dst}")
         seen.add(dst)
